@@ -1,0 +1,22 @@
+"""mmkernels: fused kernels for multimodal (vision + text) training, as drop-in PyTorch ops.
+
+Every op runs on three backends behind one dispatcher (``backend="auto"`` by default):
+Triton on CUDA, C++ on CPU (the optional extension ``mmkernels._C``), and an eager PyTorch
+reference that is both the test oracle and the fallback. Importing the package touches
+neither CUDA nor triton.
+"""
+from . import nn
+from ._dispatch import BackendUnavailableError, available_backends, unavailable_reasons
+from .contrastive.infonce import infonce_loss
+from .contrastive.siglip import siglip_loss
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "available_backends",
+    "infonce_loss",
+    "nn",
+    "siglip_loss",
+    "unavailable_reasons",
+]

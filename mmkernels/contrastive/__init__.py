@@ -1,0 +1,1 @@
+"""Contrastive losses (CLIP InfoNCE, SigLIP) that never materialize the B×B logits."""

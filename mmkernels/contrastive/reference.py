@@ -1,0 +1,59 @@
+"""Eager, materializing contrastive losses: the oracle every kernel is tested against and the
+fallback when no fast backend can run. They build the (b × B) logits, exactly like open_clip,
+and let autograd differentiate them.
+
+Math runs in float32 (float64 for float64 inputs) whatever the input dtype, which is what the
+fused kernels promise too; the loss is returned in that dtype.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..distributed import LOCAL, Comm
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _logits(q, k_all, scale, bias):
+    logits = scale * (q @ k_all.T)
+    return logits if bias is None else logits + bias
+
+
+def infonce_loss(image, text, scale, bias, label_smoothing=0.0, comm: Comm = LOCAL):
+    """Per-pair symmetric CLIP loss, shape (b,): (CE over the row + CE over the column) / 2.
+
+    With a distributed ``comm`` the local rows are scored against every rank's columns
+    (open_clip's local_loss=True with gather_with_grad=True).
+    """
+    acc = compute_dtype(image.dtype)
+    image, text = image.to(acc), text.to(acc)
+    scale = scale.to(acc)
+    bias = None if bias is None else bias.to(acc)
+    image_all, text_all = comm.all_gather_with_grad(image), comm.all_gather_with_grad(text)
+    labels = torch.arange(image.shape[0], device=image.device) + comm.rank * image.shape[0]
+    per_row = F.cross_entropy(_logits(image, text_all, scale, bias), labels,
+                              label_smoothing=label_smoothing, reduction="none")
+    per_col = F.cross_entropy(_logits(text, image_all, scale, bias), labels,
+                              label_smoothing=label_smoothing, reduction="none")
+    return (per_row + per_col) / 2
+
+
+def siglip_loss(image, text, scale, bias, comm: Comm = LOCAL):
+    """SigLIP: −Σ_ij log σ(z_ij·x_ij) / b with z = +1 for the pair and −1 otherwise.
+
+    With a distributed ``comm`` the local images meet every rank's texts (as open_clip's
+    SigLipLoss does with its exchanges); the sum over ranks is the global loss × world size.
+    """
+    acc = compute_dtype(image.dtype)
+    image, text = image.to(acc), text.to(acc)
+    scale = scale.to(acc)
+    bias = None if bias is None else bias.to(acc)
+    text_all = comm.all_gather_with_grad(text)
+    logits = _logits(image, text_all, scale, bias)
+    b = image.shape[0]
+    signs = -torch.ones_like(logits)
+    signs[torch.arange(b), torch.arange(b) + comm.rank * b] = 1.0
+    return -F.logsigmoid(signs * logits).sum() / b

@@ -1,0 +1,69 @@
+"""Test configuration: seeding, markers, and the Triton interpreter on machines without CUDA.
+
+TRITON_INTERPRET must be set before triton is first imported (a kernel decorated earlier runs
+compiled, not interpreted), so it is set here, before any test module imports mmkernels'
+Triton files. Kernel outputs are NaN-poisoned (MMK_POISON_OUTPUTS=1) so that an element a
+kernel forgets to write shows up as NaN instead of as leftover memory.
+"""
+import os
+import random
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("MMK_POISON_OUTPUTS", "1")
+
+# Fresh random inputs every run; the seed is printed so a failure can be replayed with
+# MMK_TEST_SEED=<seed>.
+SEED = int(os.environ.get("MMK_TEST_SEED", random.SystemRandom().randrange(2**31)))
+
+
+def pytest_report_header(config):
+    import mmkernels
+    return [f"mmkernels: seed {SEED} (MMK_TEST_SEED), backends {mmkernels.available_backends()}, "
+            f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}"]
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
+    config.addinivalue_line("markers",
+                            "interpreter: Triton kernels on CPU under TRITON_INTERPRET=1")
+    config.addinivalue_line("markers", "slow: takes more than a few seconds")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    # Each test gets its own stream derived from the run seed and its name: independent of
+    # test order and of which tests were selected.
+    torch.manual_seed(SEED ^ (hash(request.node.nodeid) & 0x7FFFFFFF))
+    yield
+
+
+@pytest.fixture(scope="session")
+def open_clip_loss():
+    """open_clip's loss module (the optional peer we must match).
+
+    ``open_clip/loss.py`` is loaded on its own: the package ``__init__`` imports torchvision,
+    which fails beside a CPU-only torch on some machines, and the loss needs none of it.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("open_clip is not installed (pip install open_clip_torch)")
+    path = os.path.join(spec.submodule_search_locations[0], "loss.py")
+    loss_spec = importlib.util.spec_from_file_location("_open_clip_loss", path)
+    module = importlib.util.module_from_spec(loss_spec)
+    loss_spec.loader.exec_module(module)
+    return module
