@@ -70,7 +70,8 @@ setup(
     install_requires=["torch>=2.4"],
     extras_require={
         "triton": ["triton>=3.0"],
-        "test": ["pytest", "pytest-benchmark", "numpy"],
+        # open_clip_torch: the tests compare ClipLoss/SigLipLoss with open_clip's own.
+        "test": ["pytest", "pytest-benchmark", "numpy", "matplotlib", "open_clip_torch"],
         "bench": ["matplotlib", "pytest-benchmark", "open_clip_torch"],
     },
     ext_modules=ext_modules,

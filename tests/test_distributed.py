@@ -1,0 +1,94 @@
+"""Multi-process training with torch.distributed (gloo, CPU): after a few DDP steps every
+rank's parameters must equal single-process training on the concatenated global batch."""
+import math
+import os
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import mmkernels
+
+GLOBAL_BATCH = 12  # divisible by 2 and 4 ranks
+STEPS = 3
+BACKENDS = [b for b in ("reference", "cpu") if b in mmkernels.available_backends()]
+CASES = [(loss, backend) for loss in ("infonce", "siglip") for backend in BACKENDS]
+
+
+class TinyClip(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.image = torch.nn.Linear(10, 6)
+        self.text = torch.nn.Linear(8, 6)
+        self.log_scale = torch.nn.Parameter(torch.tensor(math.log(10.0)))
+        self.bias = torch.nn.Parameter(torch.tensor(-2.0))
+
+    def forward(self, x_image, x_text):
+        image = torch.nn.functional.normalize(self.image(x_image), dim=-1)
+        text = torch.nn.functional.normalize(self.text(x_text), dim=-1)
+        return image, text, self.log_scale.exp(), self.bias
+
+
+def global_batch(step):
+    g = torch.Generator().manual_seed(1000 + step)
+    return (torch.randn(GLOBAL_BATCH, 10, generator=g, dtype=torch.float64),
+            torch.randn(GLOBAL_BATCH, 8, generator=g, dtype=torch.float64))
+
+
+def train(loss_name, backend, rank, world):
+    """Train TinyClip for STEPS steps on this rank's slice; return (params, first loss)."""
+    torch.manual_seed(0)  # identical initial parameters everywhere
+    model = TinyClip().double()
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    b = GLOBAL_BATCH // world
+    first_loss = None
+    for step in range(STEPS):
+        x_image, x_text = (x[rank * b:(rank + 1) * b] for x in global_batch(step))
+        image, text, scale, bias = model(x_image, x_text)
+        if loss_name == "infonce":
+            loss = mmkernels.infonce_loss(image, text, scale, bias, label_smoothing=0.1,
+                                          backend=backend)
+        else:
+            loss = mmkernels.siglip_loss(image, text, scale, bias, backend=backend)
+        first_loss = loss.detach() if first_loss is None else first_loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    module = model.module if world > 1 else model
+    return [p.detach().clone() for p in module.parameters()], first_loss
+
+
+def _worker(rank, world, init_file, out_path):
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    results = {}
+    for case in CASES:
+        params, loss = train(*case, rank, world)
+        losses = [torch.empty_like(loss) for _ in range(world)]
+        dist.all_gather(losses, loss)
+        results[case] = (params, torch.stack(losses))
+    if rank == 0:
+        torch.save(results, out_path)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 4])
+def test_ddp_matches_single_process(world, tmp_path):
+    out_path = tmp_path / "results.pt"
+    mp.spawn(_worker, args=(world, str(tmp_path / "init"), str(out_path)), nprocs=world,
+             join=True)
+    results = torch.load(out_path)
+    for case in CASES:
+        params, rank_losses = results[case]
+        ref_params, ref_loss = train(*case, rank=0, world=1)
+        # Each rank reports the loss of its own pairs against the global batch; their mean
+        # is the single-process loss.
+        torch.testing.assert_close(rank_losses.mean(), ref_loss, rtol=1e-12, atol=0,
+                                   msg=f"{case}: loss")
+        for p, r in zip(params, ref_params):
+            torch.testing.assert_close(p, r, rtol=1e-10, atol=1e-12, msg=f"{case}: params")
