@@ -2,8 +2,12 @@
 
 TRITON_INTERPRET must be set before triton is first imported (a kernel decorated earlier runs
 compiled, not interpreted), so it is set here, before any test module imports mmkernels'
-Triton files. Kernel outputs are NaN-poisoned (MMK_POISON_OUTPUTS=1) so that an element a
-kernel forgets to write shows up as NaN instead of as leftover memory.
+Triton files.
+
+Every uninitialised allocation (torch.empty in the Triton wrappers, at::empty in the C++
+kernels) is filled with NaN: torch does that in deterministic mode
+(torch.utils.deterministic.fill_uninitialized_memory), so an output element a kernel forgets to
+write shows up as NaN instead of as leftover memory that happens to look right.
 """
 import os
 import random
@@ -13,7 +17,8 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-os.environ.setdefault("MMK_POISON_OUTPUTS", "1")
+torch.use_deterministic_algorithms(True, warn_only=True)
+assert torch.utils.deterministic.fill_uninitialized_memory
 
 # Fresh random inputs every run; the seed is printed so a failure can be replayed with
 # MMK_TEST_SEED=<seed>.
