@@ -1,7 +1,6 @@
 """Multi-process training with torch.distributed (gloo, CPU): after a few DDP steps every
 rank's parameters must equal single-process training on the concatenated global batch."""
 import math
-import os
 
 import pytest
 import torch

@@ -28,8 +28,8 @@ def make(b, d, dtype, **kw):
 @pytest.mark.parametrize("b,d", SHAPES)
 @pytest.mark.parametrize("config", CONFIGS)
 def test_parity_fp32(backend, b, d, config):
-    if interpreted(backend) and b > 257:
-        pytest.skip("interpreter: shapes kept small")
+    if interpreted(backend) and (b > 257 or (b == 257 and config != "plain")):
+        pytest.skip("interpreter: shapes kept small (257 runs in one config)")
     eps, bias, reduction, noncontig = CONFIGS[config]
     inputs = make(b, d, torch.float32, bias=bias, noncontig=noncontig)
     weights = torch.rand(b, device=device()) + 0.5 if reduction == "none" else None
@@ -66,13 +66,8 @@ def test_parity_low_precision(backend, dtype):
 def test_extreme_values(backend):
     """Unnormalized features of norm 30 with logit_scale 100: logits ~1e5, still finite."""
     inputs = make(64, 48, torch.float32, bias=True, norm=30.0, scale=100.0)
-    out, grads = loss_and_grads(LOSS, inputs, backend=backend)
-    ref, ref_grads = loss_and_grads(LOSS, as64(*inputs), backend="reference")
-    assert torch.isfinite(out) and all(torch.isfinite(g).all() for g in grads)
-    assert_close(out, ref, FP32_RTOL, "loss")
-    for name, g, r in zip(["image", "text", "scale", "bias"], grads, ref_grads):
-        # logits of 1e5 carry fp32 rounding of ~1e-2: softmax weights are exact only to that.
-        assert_close(g, r, 1e-2, f"d_{name}")
+    # logits of 1e5 carry fp32 rounding of ~1e-2: softmax weights are exact only to that.
+    check_against_float64(LOSS, inputs, FP32_RTOL, grad_rtol=1e-2, backend=backend)
 
 
 @pytest.mark.parametrize("backend", all_backends())

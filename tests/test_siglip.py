@@ -24,8 +24,8 @@ def make(b, d, dtype, **kw):
 @pytest.mark.parametrize("b,d", SHAPES)
 @pytest.mark.parametrize("bias,noncontig", [(True, False), (False, True)], ids=["bias", "strided"])
 def test_parity_fp32(backend, b, d, bias, noncontig):
-    if interpreted(backend) and b > 257:
-        pytest.skip("interpreter: shapes kept small")
+    if interpreted(backend) and (b > 257 or (b == 257 and noncontig)):
+        pytest.skip("interpreter: shapes kept small (257 runs in one config)")
     inputs = make(b, d, torch.float32, bias=bias, noncontig=noncontig)
     check_against_float64(LOSS, inputs, FP32_RTOL, backend=backend)
 

@@ -1,0 +1,134 @@
+// SigLIP on CPU: loss and gradient weights in one sweep over tiles of X = s I T^T + b.
+// Each tile is computed once; its elementwise pass produces the loss terms and overwrites
+// the tile with G = dloss/dX, which then feeds both gradient GEMMs (see tiles.h).
+#include "cpu/tiles.h"
+
+#include <vector>
+
+namespace mmk {
+namespace {
+
+// For one pair with label z and logit x, with t = -z x:
+//   loss = -log sigmoid(z x) = softplus(t) = max(t, 0) + log1p(e),   e = exp(-|t|)
+//   G    = dloss/dx = -z sigmoid(t),  sigmoid(t) = (t >= 0 ? 1 : e) / (1 + e)
+// Only exp(-|t|) <= 1 is ever formed, so neither term overflows for |x| ~ 1e5. e keeps
+// subnormal values: when every pair is confidently separated, these tiny terms are the
+// whole loss and gradient.
+template <typename T>
+MMK_INLINE void softplus_sigmoid(T t, T& softplus, T& sigmoid) {
+  const T e = fast_exp_subnormal(-std::abs(t));
+  softplus = (t > T(0) ? t : T(0)) + log1p_unit(e);
+  sigmoid = (t >= T(0) ? T(1) : e) / (T(1) + e);
+}
+
+// A run of negative pairs (z = -1, so t = x and G = sigmoid(x)) within one tile row:
+// scales the raw dot products, adds their loss to `loss`, and with kGrad overwrites them
+// with G and adds G to `gsum`.
+template <typename T, bool kGrad>
+MMK_INLINE void negatives(T* x, int64_t n, T s, T b, T& loss, T& gsum) {
+  T l = 0, g = 0;
+#pragma omp simd reduction(+ : l, g)
+  for (int64_t j = 0; j < n; ++j) {
+    const T v = s * x[j] + b;
+    T sp, sg;
+    softplus_sigmoid(v, sp, sg);
+    l += sp;
+    if (kGrad) {
+      x[j] = sg;
+      g += sg;
+    }
+  }
+  loss += l;
+  gsum += g;
+}
+
+template <typename T>
+MMK_INLINE void negatives(T* x, int64_t n, T s, T b, bool grad, T& loss, T& gsum) {
+  if (grad) {
+    negatives<T, true>(x, n, s, b, loss, gsum);
+  } else {
+    negatives<T, false>(x, n, s, b, loss, gsum);
+  }
+}
+
+// One tile (bm x bn raw dot products); adds its loss and sum of G to loss/gsum. The
+// positive pair of tile row i, if any, sits in tile column diag0 + i; it splits the row
+// into two runs of negatives and is handled on its own, so the vector loops carry no label.
+template <typename T>
+MMK_INLINE void siglip_tile_impl(T* S, int64_t bm, int64_t bn, T s, T b, bool has_pos,
+                                 int64_t diag0, bool grad, double& loss, double& gsum) {
+  for (int64_t i = 0; i < bm; ++i) {
+    T* x = S + i * bn;
+    const int64_t d = diag0 + i;
+    T l = 0, g = 0;
+    if (has_pos && d >= 0 && d < bn) {
+      negatives(x, d, s, b, grad, l, g);
+      T sp, sg;
+      softplus_sigmoid(-(s * x[d] + b), sp, sg);  // z = +1: t = -x, G = -sigmoid(-x)
+      l += sp;
+      if (grad) {
+        x[d] = -sg;
+        g -= sg;
+      }
+      negatives(x + d + 1, bn - d - 1, s, b, grad, l, g);
+    } else {
+      negatives(x, bn, s, b, grad, l, g);
+    }
+    loss += l;
+    gsum += g;
+  }
+}
+
+MMK_MULTIVERSION void siglip_tile(float* S, int64_t bm, int64_t bn, float s, float b, bool has_pos,
+                                  int64_t diag0, bool grad, double& loss, double& gsum) {
+  siglip_tile_impl<float>(S, bm, bn, s, b, has_pos, diag0, grad, loss, gsum);
+}
+
+void siglip_tile(double* S, int64_t bm, int64_t bn, double s, double b, bool has_pos,
+                 int64_t diag0, bool grad, double& loss, double& gsum) {
+  siglip_tile_impl<double>(S, bm, bn, s, b, has_pos, diag0, grad, loss, gsum);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_fwd_bwd(
+    const at::Tensor& I, const at::Tensor& T, const at::Tensor& scale,
+    const std::optional<at::Tensor>& bias, int64_t diag_offset, bool compute_grad) {
+  const Features f = prepare_features(I, T, scale, bias, "siglip_fwd_bwd");
+  const int64_t M = f.I.size(0), N = f.T.size(0);
+  at::Tensor A_I = compute_grad ? at::zeros_like(f.I) : at::empty({0}, f.I.options());
+  at::Tensor A_T = compute_grad ? at::zeros_like(f.T) : at::empty({0}, f.I.options());
+  double loss = 0, gsum = 0;
+  if (M > 0 && N > 0) {
+    // Work on the longer side as columns (the parallel side). Positives sit at column
+    // row + offset; seen from the other side that is row = column - offset.
+    const bool swap = M > N;
+    const at::Tensor& A = swap ? f.T : f.I;
+    const at::Tensor& B = swap ? f.I : f.T;
+    const TilePlan plan(A.size(0), B.size(0));
+    // Offsets outside (-M, N) put every positive outside the matrix; checking that once
+    // also keeps row + offset from overflowing for extreme offsets.
+    const bool has_pos = diag_offset > -M && diag_offset < N;
+    const int64_t off = has_pos ? (swap ? -diag_offset : diag_offset) : 0;
+    std::vector<double> chunk_loss(plan.chunks, 0.0), chunk_gsum(plan.chunks, 0.0);
+    AT_DISPATCH_FLOATING_TYPES(f.dtype, "siglip_fwd_bwd", [&] {
+      const scalar_t s = static_cast<scalar_t>(f.scale);
+      const scalar_t b = static_cast<scalar_t>(f.bias);
+      weighted_pass<scalar_t>(
+          plan, A, B, compute_grad ? (swap ? A_T : A_I) : at::Tensor(),
+          compute_grad ? (swap ? A_I : A_T) : at::Tensor(),
+          [&](scalar_t* S, int64_t r0, int64_t bm, int64_t c0, int64_t bn, int64_t t) {
+            siglip_tile(S, bm, bn, s, b, has_pos, r0 + off - c0, compute_grad, chunk_loss[t],
+                        chunk_gsum[t]);
+          });
+    });
+    for (int64_t t = 0; t < plan.chunks; ++t) {
+      loss += chunk_loss[t];
+      gsum += chunk_gsum[t];
+    }
+  }
+  return {at::scalar_tensor(loss, f.I.options()), A_I, A_T,
+          at::scalar_tensor(compute_grad ? gsum : 0.0, f.I.options())};
+}
+
+}  // namespace mmk
