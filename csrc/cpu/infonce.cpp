@@ -88,12 +88,16 @@ void lse_pass(const TilePlan& plan, const at::Tensor& A, const at::Tensor& B, T 
   // owns its column block.
   std::vector<T> cmax(plan.cols, ninf), csum(plan.cols, T(0));
 
+  // Chunk t's running row max and row sum for the current row block.
+  const auto row_max = [&](int64_t t) { return ws0 + t * ws_len + tile_len; };
+  const auto row_sum = [&](int64_t t) { return row_max(t) + plan.bm; };
+
   for (int64_t r0 = 0; r0 < plan.rows; r0 += plan.bm) {
     const int64_t bm = plan.row_len(r0);
     const at::Tensor A_blk = A.narrow(0, r0, bm);
     parallel_chunks(plan, [&](int64_t t) {
-      T* const rmax = ws0 + t * ws_len + tile_len;
-      T* const rsum = rmax + plan.bm;
+      T* const rmax = row_max(t);
+      T* const rsum = row_sum(t);
       T* const tmax = rsum + plan.bm;
       T* const tsum = tmax + plan.bn;
       std::fill(rmax, rmax + bm, ninf);
@@ -109,13 +113,10 @@ void lse_pass(const TilePlan& plan, const at::Tensor& A, const at::Tensor& B, T 
     // Merge the chunks' partial row states: lse = m + log(sum_t l_t e^(m_t - m)).
     for (int64_t i = 0; i < bm; ++i) {
       T m = ninf;
-      for (int64_t t = 0; t < plan.chunks; ++t) m = max_of(m, ws0[t * ws_len + tile_len + i]);
+      for (int64_t t = 0; t < plan.chunks; ++t) m = max_of(m, row_max(t)[i]);
       const T off = m == ninf ? T(0) : m;
       T l = 0;
-      for (int64_t t = 0; t < plan.chunks; ++t) {
-        const T* rmax = ws0 + t * ws_len + tile_len;
-        l += rmax[plan.bm + i] * std::exp(rmax[i] - off);
-      }
+      for (int64_t t = 0; t < plan.chunks; ++t) l += row_sum(t)[i] * std::exp(row_max(t)[i] - off);
       row_lse[r0 + i] = m + std::log(l);
     }
   }
@@ -158,11 +159,6 @@ double p_tile(double* S, int64_t bm, int64_t bn, double s, double b, const doubl
               const double* rlse, const double* cw, const double* clse) {
   return p_tile_impl<double>(S, bm, bn, s, b, rw, rlse, cw, clse);
 }
-
-// The problem is symmetric in (I, rows) <-> (T, columns), and the kernels parallelise over
-// columns, so the longer side is made the column side: with M << N the columns of a single
-// row block still feed every thread, and with M >> N the roles swap.
-bool swap_sides(int64_t M, int64_t N) { return M > N; }
 
 }  // namespace
 

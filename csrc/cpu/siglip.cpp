@@ -100,9 +100,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_fwd_bwd(
   at::Tensor A_T = compute_grad ? at::zeros_like(f.T) : at::empty({0}, f.I.options());
   double loss = 0, gsum = 0;
   if (M > 0 && N > 0) {
-    // Work on the longer side as columns (the parallel side). Positives sit at column
-    // row + offset; seen from the other side that is row = column - offset.
-    const bool swap = M > N;
+    // Positives sit at column = row + offset; when the sides are swapped that reads
+    // row = column - offset.
+    const bool swap = swap_sides(M, N);
     const at::Tensor& A = swap ? f.T : f.I;
     const at::Tensor& B = swap ? f.I : f.T;
     const TilePlan plan(A.size(0), B.size(0));

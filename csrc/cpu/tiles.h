@@ -85,6 +85,11 @@ struct TilePlan {
   int64_t first_block(int64_t t) const { return t * col_blocks / chunks; }
 };
 
+// Both losses are symmetric in (I, rows) <-> (T, columns), and the kernels parallelise over
+// columns, so the longer side is made the column side: with M << N the columns of a single
+// row block still feed every thread, and with M >> N the roles swap.
+inline bool swap_sides(int64_t M, int64_t N) { return M > N; }
+
 // Runs f(chunk) for every chunk of the plan, chunks spread over the intra-op threads. BLAS
 // calls made inside run single-threaded (nested parallel regions are serialised), which is
 // what we want: the parallelism is already across chunks.

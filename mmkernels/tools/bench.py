@@ -48,6 +48,8 @@ import torch
 import torch.nn.functional as F
 
 import mmkernels
+
+from .info import cpu_model
 from mmkernels import _dispatch
 
 MiB = 2**20
@@ -429,17 +431,6 @@ def _gemm_peak(device: str, dtype: str, quick: bool) -> dict:
     return {"gflops": 2 * n**3 / median / 1e9, "n": n, "median_s": median, "repeats": reps}
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _version(package: str) -> str | None:
     try:
         return importlib.metadata.version(package)
@@ -452,7 +443,7 @@ def _probe(spec: dict) -> dict:
     device, dtypes = spec["device"], spec["dtypes"]
     info = {
         "status": "ok",
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "logical_cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,

@@ -88,7 +88,7 @@ def main(argv: list[str]) -> int:
     except ImportError:
         print("gpu-report: triton is not installed (pip install triton)", file=sys.stderr)
         return 1
-    header = f"{'kernel':<22} {'arch':<6} {'regs':>4} {'shared':>8} {'stack':>5} {'local':>5} " \
+    header = f"{'kernel':<26} {'arch':<6} {'regs':>4} {'shared':>8} {'stack':>5} {'local':>5} " \
              f"{'mma':<5} {'wgmma':<5} status  config"
     print(header)
     print("-" * len(header))
@@ -96,7 +96,7 @@ def main(argv: list[str]) -> int:
     for row in compile_all():
         status = "ok" if row["ok"] else "FAIL: " + ", ".join(row["problems"])
         failed += not row["ok"]
-        print(f"{row['kernel']:<22} {row['arch']:<6} {row['registers']:>4} "
+        print(f"{row['kernel']:<26} {row['arch']:<6} {row['registers']:>4} "
               f"{row['shared_bytes']:>8} {row['stack_bytes']:>5} {row['local_bytes']:>5} "
               f"{str(row['mma']):<5} {str(row['wgmma']):<5} {status:<7} {row['config']}",
               flush=True)

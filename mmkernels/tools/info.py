@@ -20,7 +20,7 @@ def _cpu_flags() -> list[str]:
     return []
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -28,7 +28,7 @@ def _cpu_model() -> str:
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or "unknown"
+    return platform.processor() or platform.machine()
 
 
 def report() -> list[tuple[str, str]]:
@@ -47,7 +47,7 @@ def report() -> list[tuple[str, str]]:
         ("torch", f"{torch.__version__} (CUDA {torch.version.cuda or 'none'})"),
         ("triton", triton_version),
         ("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "0")),
-        ("cpu", f"{_cpu_model()}, {os.cpu_count()} logical cores, "
+        ("cpu", f"{cpu_model()}, {os.cpu_count()} logical cores, "
                 f"torch threads {torch.get_num_threads()}"),
         ("cpu features", " ".join(_cpu_flags()) or "unknown"),
         ("torch cpu capability", torch.backends.cpu.get_cpu_capability()),
