@@ -1,124 +1,200 @@
-"""Backend selection shared by every op.
+"""Backend selection shared by every op: each op's implementation on each backend states what
+it supports, and a refusal lists every reason (the xformers ``fmha/dispatch.py`` idea).
 
-Each backend states what it supports (device, dtypes, what it needs installed); ``select``
-returns the one to run or raises ``BackendUnavailableError`` listing, for each backend
-considered, the reason it was refused (the xformers dispatch idea), so a failed request
-explains itself instead of silently running something else.
+Two levels:
+
+* the **machine**: can a backend run anything here at all (``machine_reason``: the C++
+  extension is built, triton is installed and has a GPU or the interpreter)?
+* the **call**: can this op's implementation on that backend take these inputs
+  (``Impl.not_supported_reasons(inputs)``: dtypes and devices of every tensor input, the GPU's
+  compute capability, and whatever the op adds: head dims, mask kinds, ranks...)?
+
+``Op.select(backend, inputs)``:
+
+* a named backend that cannot run the call raises ``BackendUnavailableError`` with every
+  reason, and says which backends could;
+* ``"auto"`` tries triton for CUDA inputs and cpu for CPU inputs, then the reference; it never
+  fails. Falling back because the C++ extension is missing warns once (``_cpp.warn_once``);
+  falling back for any other reason (a dtype, a head dim...) warns once per op and reason, so
+  a user learns why a call was slow.
 
 Backends:
   reference  eager PyTorch, materializing. The oracle for tests and the fallback.
-  cpu        the C++ extension ``mmkernels._C`` (csrc/cpu), CPU tensors.
+  cpu        the C++ kernels of ``mmkernels._C`` (csrc/), CPU tensors.
   triton     Triton kernels: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1.
 """
 from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
 from . import _cpp
+from ._validate import FLOAT_DTYPES, dtype_name
 
 BACKENDS = ("reference", "cpu", "triton")
-_ALL_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 class BackendUnavailableError(RuntimeError):
     """An explicitly requested backend cannot run this call; the message says why."""
 
 
-def _interpreter() -> bool:
+def interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _cuda() -> bool:
-    # torch.cuda.is_available() does not create a CUDA context; it is only called on demand.
-    return torch.cuda.is_available()
-
-
-@dataclass(frozen=True)
-class Backend:
-    name: str
-    dtypes: tuple
-
-    def machine_reason(self) -> str | None:
-        """Why this backend cannot run anything on this machine, or None if it can."""
-        if self.name == "cpu":
-            return _cpp.error()
-        if self.name == "triton":
-            if importlib.util.find_spec("triton") is None:
-                return "triton is not installed (pip install triton)"
-            if not _cuda() and not _interpreter():
-                return "no CUDA device, and TRITON_INTERPRET=1 is not set (set it before " \
-                       "triton is imported to run Triton kernels on CPU)"
-        return None
-
-    def refusals(self, tensors) -> list[str]:
-        """Every reason this backend cannot run a call on these tensors."""
-        reasons = []
-        machine = self.machine_reason()
-        if machine:
-            reasons.append(machine)
-        for t in tensors:
-            if t.dtype not in self.dtypes:
-                names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
-                reasons.append(f"dtype {str(t.dtype).replace('torch.', '')} is not supported "
-                               f"(supports {names})")
-                break
-        device = tensors[0].device.type if tensors else "cpu"
-        if self.name == "cpu" and device != "cpu":
-            reasons.append(f"the C++ kernels take CPU tensors, got {device} tensors")
-        if self.name == "triton":
-            if device == "cpu" and not _interpreter():
-                reasons.append("CPU tensors need TRITON_INTERPRET=1 to run Triton kernels")
-            elif device == "cpu" and tensors and tensors[0].dtype == torch.bfloat16:
-                reasons.append("bfloat16 is silently wrong in the Triton interpreter")
-            elif device not in ("cpu", "cuda"):
-                reasons.append(f"Triton kernels take CUDA tensors, got {device} tensors")
-        return reasons
-
-
-REGISTRY = {
-    "reference": Backend("reference", _ALL_FLOATS),
-    # float64 runs natively in C++ so that torch.autograd.gradcheck can check the fast path.
-    "cpu": Backend("cpu", _ALL_FLOATS),
-    "triton": Backend("triton", (torch.float16, torch.bfloat16, torch.float32)),
-}
+def machine_reason(backend: str) -> str | None:
+    """Why ``backend`` cannot run anything on this machine, or None if it can."""
+    if backend == "cpu":
+        return _cpp.error()
+    if backend == "triton":
+        if importlib.util.find_spec("triton") is None:
+            return "triton is not installed (pip install triton)"
+        # torch.cuda.is_available() does not create a CUDA context.
+        if not torch.cuda.is_available() and not interpreter():
+            return "no CUDA device, and TRITON_INTERPRET=1 is not set (set it before " \
+                   "triton is imported to run Triton kernels on CPU)"
+    return None
 
 
 def available_backends() -> list[str]:
     """Names of the backends that can run on this machine."""
-    return [name for name in BACKENDS if REGISTRY[name].machine_reason() is None]
+    return [name for name in BACKENDS if machine_reason(name) is None]
 
 
 def unavailable_reasons() -> dict[str, str]:
     """For each backend that cannot run on this machine, why."""
-    return {name: REGISTRY[name].machine_reason() for name in BACKENDS
-            if REGISTRY[name].machine_reason() is not None}
+    return {name: why for name in BACKENDS if (why := machine_reason(name)) is not None}
 
 
-def select(backend: str, tensors, op: str) -> str:
-    """Resolve ``backend`` ("auto" or a name) for a call on ``tensors``.
+def _tensors(inputs: Mapping) -> dict[str, torch.Tensor]:
+    return {name: t for name, t in inputs.items() if isinstance(t, torch.Tensor)}
 
-    "auto" tries triton for CUDA tensors and cpu for CPU tensors, then the reference; it never
-    fails. A named backend that cannot run raises BackendUnavailableError with the reasons.
+
+def _device_reasons(backend: str, tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Device limits every op shares on ``backend``."""
+    devices = {t.device.type for t in tensors.values()}
+    if backend == "cpu":
+        return [f"the C++ kernels take CPU tensors, got {d} tensors" for d in devices - {"cpu"}]
+    if backend != "triton":
+        return []
+    reasons = [f"Triton kernels take CUDA tensors, got {d} tensors"
+               for d in devices - {"cpu", "cuda"}]
+    floats = {t.dtype for t in tensors.values() if t.is_floating_point()}
+    if "cpu" in devices:
+        if not interpreter():
+            reasons.append("CPU tensors need TRITON_INTERPRET=1 to run Triton kernels")
+        elif torch.bfloat16 in floats:
+            reasons.append("bfloat16 is silently wrong in the Triton interpreter")
+    if "cuda" in devices:
+        cuda = next(t.device for t in tensors.values() if t.device.type == "cuda")
+        major, minor = torch.cuda.get_device_capability(cuda)
+        if major < 8:
+            # mma on bf16 and TF32 operands needs Ampere; the compile would fail.
+            if torch.bfloat16 in floats:
+                reasons.append(f"bfloat16 needs compute capability 8.0 or newer, this GPU is "
+                               f"sm_{major}{minor}")
+            if torch.float32 in floats and torch.get_float32_matmul_precision() != "highest":
+                reasons.append(f"TF32 (torch.get_float32_matmul_precision() = "
+                               f"{torch.get_float32_matmul_precision()!r}) needs compute "
+                               f"capability 8.0 or newer, this GPU is sm_{major}{minor}; set "
+                               "torch.set_float32_matmul_precision('highest')")
+    return reasons
+
+
+@dataclass(frozen=True)
+class Impl:
+    """What one op's implementation on one backend supports.
+
+    The generic statement is the floating dtypes it takes; an op with more limits (head dim,
+    mask kinds, ranks...) subclasses this and overrides ``op_reasons``.
     """
-    if not isinstance(backend, str):
-        raise TypeError(f"{op}: backend must be a str, one of {('auto',) + BACKENDS}, "
-                        f"got {type(backend).__name__}")
-    if backend == "auto":
-        device = tensors[0].device.type
-        preferred = "triton" if device == "cuda" else "cpu"
-        if not REGISTRY[preferred].refusals(tensors):
-            return preferred
-        if preferred == "cpu" and device == "cpu":
-            _cpp.warn_once()
-        return "reference"
-    if backend not in REGISTRY:
-        raise ValueError(f"{op}: backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
-    reasons = REGISTRY[backend].refusals(tensors)
-    if reasons:
-        raise BackendUnavailableError(f"{op}: backend {backend!r} cannot run this call: "
-                                      + "; ".join(reasons))
-    return backend
+
+    backend: str
+    dtypes: tuple = FLOAT_DTYPES
+
+    def op_reasons(self, inputs: Mapping) -> list[str]:
+        """Op-specific reasons this implementation cannot take ``inputs`` (none by default)."""
+        return []
+
+    def not_supported_reasons(self, inputs: Mapping) -> list[str]:
+        """Every reason this implementation cannot run a call on ``inputs`` (a mapping of
+        argument name to value; tensors among them are checked for dtype and device)."""
+        reasons = []
+        machine = machine_reason(self.backend)
+        if machine:
+            reasons.append(machine)
+        tensors = _tensors(inputs)
+        supported = ", ".join(dtype_name(d) for d in self.dtypes)
+        for name, t in tensors.items():
+            if t.is_floating_point() and t.dtype not in self.dtypes:
+                reasons.append(f"{name}: dtype {dtype_name(t.dtype)} is not supported "
+                               f"(supports {supported})")
+        reasons += _device_reasons(self.backend, tensors)
+        return reasons + self.op_reasons(inputs)
+
+
+_warned: set = set()
+
+
+def _warn_fallback(op: str, backend: str, reasons: list[str]) -> None:
+    key = (op, backend, tuple(reasons))
+    if key in _warned:
+        return
+    _warned.add(key)
+    warnings.warn(f"mmkernels: {op}: backend {backend!r} cannot run this call ("
+                  + "; ".join(reasons) + "); running the eager reference instead",
+                  RuntimeWarning, stacklevel=4)
+
+
+@dataclass(frozen=True)
+class Op:
+    """An op and its implementations, one per backend (the reference always among them)."""
+
+    name: str
+    impls: tuple
+
+    def __post_init__(self):
+        assert {impl.backend for impl in self.impls} <= set(BACKENDS)
+        assert any(impl.backend == "reference" for impl in self.impls)
+
+    def impl(self, backend: str) -> Impl | None:
+        return next((i for i in self.impls if i.backend == backend), None)
+
+    def not_supported_reasons(self, backend: str, inputs: Mapping) -> list[str]:
+        impl = self.impl(backend)
+        if impl is None:
+            return [f"{self.name} has no {backend} implementation"]
+        return impl.not_supported_reasons(inputs)
+
+    def select(self, backend, inputs: Mapping) -> str:
+        """Resolve ``backend`` ("auto" or a name) for a call on ``inputs``."""
+        if not isinstance(backend, str):
+            raise TypeError(f"{self.name}: backend must be a str, one of "
+                            f"{('auto',) + BACKENDS}, got {type(backend).__name__}")
+        if backend == "auto":
+            on_cuda = any(t.device.type == "cuda" for t in _tensors(inputs).values())
+            preferred = "triton" if on_cuda else "cpu"
+            reasons = self.not_supported_reasons(preferred, inputs)
+            if not reasons:
+                return preferred
+            if preferred == "cpu" and machine_reason("cpu") is not None:
+                _cpp.warn_once()  # not built here: the one warning of _cpp
+            else:
+                _warn_fallback(self.name, preferred, reasons)
+            return "reference"
+        if backend not in BACKENDS:
+            raise ValueError(f"{self.name}: backend must be 'auto' or one of {BACKENDS}, "
+                             f"got {backend!r}")
+        reasons = self.not_supported_reasons(backend, inputs)
+        if reasons:
+            usable = [b for b in BACKENDS if not self.not_supported_reasons(b, inputs)]
+            raise BackendUnavailableError(
+                f"{self.name}: backend {backend!r} cannot run this call: " + "; ".join(reasons)
+                + f" (backends that can: {', '.join(usable) or 'none'})")
+        return backend

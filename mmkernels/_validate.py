@@ -6,13 +6,27 @@ wrong answer.
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 
+#: The floating dtypes every op takes (backends may take fewer: see ``_dispatch.Impl``).
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _dtype_name(dtype) -> str:
+def dtype_name(dtype) -> str:
     return str(dtype).replace("torch.", "")
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype math runs in: float64 for float64 inputs, float32 for everything else."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def is_number(x) -> bool:
+    """A real number: Python int/float and numpy scalars (np.float32, np.int64...), not bool."""
+    return isinstance(x, numbers.Real) and not isinstance(x, (bool, torch.Tensor)) \
+        and type(x).__name__ != "bool_"
 
 
 def features(op: str, name: str, t) -> torch.Tensor:
@@ -25,7 +39,7 @@ def features(op: str, name: str, t) -> torch.Tensor:
                          f"of shape {tuple(t.shape)}")
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{op}: {name} must be float16, bfloat16, float32 or float64, "
-                        f"got {_dtype_name(t.dtype)}")
+                        f"got {dtype_name(t.dtype)}")
     if t.shape[0] < 1 or t.shape[1] < 1:
         raise ValueError(f"{op}: {name} must have B >= 1 and D >= 1, got shape {tuple(t.shape)}")
     return t
@@ -39,37 +53,40 @@ def feature_pair(op: str, image, text) -> None:
                          f"(B, D), got {tuple(image.shape)} and {tuple(text.shape)}")
     if image.dtype != text.dtype:
         raise TypeError(f"{op}: image_features and text_features must have the same dtype, "
-                        f"got {_dtype_name(image.dtype)} and {_dtype_name(text.dtype)}")
+                        f"got {dtype_name(image.dtype)} and {dtype_name(text.dtype)}")
     if image.device != text.device:
         raise ValueError(f"{op}: image_features and text_features must be on the same device, "
                          f"got {image.device} and {text.device}")
 
 
-def scalar(op: str, name: str, x, device, optional: bool = False) -> torch.Tensor | None:
-    """A Python number or a one-element floating tensor on ``device``, as a 0-dim tensor.
+SCALAR = "a scalar: a real number (Python or numpy) or a one-element floating-point tensor"
 
-    Tensors keep their autograd history (the gradient flows back to them); numbers become
-    constants.
+
+def scalar(op: str, name: str, x, device, dtype=torch.float32,
+           optional: bool = False) -> torch.Tensor | None:
+    """A number or a one-element floating tensor on ``device``, as a 0-dim tensor.
+
+    Tensors keep their dtype and autograd history (the gradient flows back to them); numbers
+    become constants of ``dtype`` (the features' compute dtype, so a float64 call keeps a
+    float64 scale).
     """
     if x is None:
         if optional:
             return None
-        raise TypeError(f"{op}: {name} must be a float or a 0-dim tensor, got None")
-    if isinstance(x, bool) or not isinstance(x, (int, float, torch.Tensor)):
-        raise TypeError(f"{op}: {name} must be a float or a 0-dim tensor, "
-                        f"got {type(x).__name__}")
+        raise TypeError(f"{op}: {name} must be {SCALAR}, got None")
     if isinstance(x, torch.Tensor):
         if x.numel() != 1:
-            raise ValueError(f"{op}: {name} must be a scalar (0-dim or one-element tensor), "
-                             f"got shape {tuple(x.shape)}")
+            raise ValueError(f"{op}: {name} must be {SCALAR}, got a tensor of shape "
+                             f"{tuple(x.shape)}")
         if x.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{op}: {name} must be a floating-point tensor, "
-                            f"got {_dtype_name(x.dtype)}")
+            raise TypeError(f"{op}: {name} must be {SCALAR}, got a {dtype_name(x.dtype)} tensor")
         if x.device != device:
             raise ValueError(f"{op}: {name} must be on the features' device {device}, "
                              f"got {x.device}")
         return x.reshape(())
-    return torch.tensor(float(x), dtype=torch.float32, device=device)
+    if not is_number(x):
+        raise TypeError(f"{op}: {name} must be {SCALAR}, got {type(x).__name__}")
+    return torch.tensor(float(x), dtype=dtype, device=device)
 
 
 def choice(op: str, name: str, value, allowed) -> None:
