@@ -72,6 +72,13 @@ def unavailable_reasons() -> dict[str, str]:
     return {name: why for name in BACKENDS if (why := machine_reason(name)) is not None}
 
 
+def fp32_uses_tf32() -> bool:
+    """Whether Triton's fp32 products may use TF32 tensor cores: torch's own switch,
+    ``torch.set_float32_matmul_precision`` ("highest", torch's default, means exact fp32).
+    An op reads it once per call and hands it to its backward, so both always agree."""
+    return torch.get_float32_matmul_precision() != "highest"
+
+
 def _tensors(inputs: Mapping) -> dict[str, torch.Tensor]:
     return {name: t for name, t in inputs.items() if isinstance(t, torch.Tensor)}
 
@@ -99,7 +106,7 @@ def _device_reasons(backend: str, tensors: dict[str, torch.Tensor]) -> list[str]
             if torch.bfloat16 in floats:
                 reasons.append(f"bfloat16 needs compute capability 8.0 or newer, this GPU is "
                                f"sm_{major}{minor}")
-            if torch.float32 in floats and torch.get_float32_matmul_precision() != "highest":
+            if torch.float32 in floats and fp32_uses_tf32():
                 reasons.append(f"TF32 (torch.get_float32_matmul_precision() = "
                                f"{torch.get_float32_matmul_precision()!r}) needs compute "
                                f"capability 8.0 or newer, this GPU is sm_{major}{minor}; set "

@@ -9,6 +9,9 @@ compute (``lse`` forward, ``grad`` backward, 8·B²·D FLOPs in all with O(B·D)
 diagonal and label-smoothing terms are rank-one corrections applied here in O(B·D), once for
 every backend.
 
+Double backward (``create_graph=True``) differentiates the reference formula instead: correct,
+but it materializes the B×B logits like eager PyTorch.
+
 Layers (Liger-Kernel style): ``_forward``/``_backward`` (host math) → the custom ops
 ``mmkernels::infonce_fwd`` / ``mmkernels::infonce_bwd`` with their autograd (one process) and
 ``_DistributedInfoNCE`` (many) → the functional ``infonce_loss`` → ``mmkernels.nn.ClipLoss``.
@@ -20,11 +23,13 @@ import torch
 from torch import Tensor
 
 from .. import _dispatch, _validate
+from .._dispatch import TRITON_DTYPES, Impl
 from ..distributed import LOCAL, Comm, resolve
 from . import reference
-from .primitives import PRIMITIVES
+from .primitives import primitives
 
 OP = "infonce_loss"
+DISPATCH = _dispatch.Op(OP, (Impl("reference"), Impl("cpu"), Impl("triton", TRITON_DTYPES)))
 
 
 def _rowdot(a: Tensor, b: Tensor) -> Tensor:
@@ -34,7 +39,7 @@ def _rowdot(a: Tensor, b: Tensor) -> Tensor:
 
 def _forward(prims, comm: Comm, image, text, scale, bias, eps):
     """Per-pair losses (b,), row LSE (b,) and column LSE over the global batch (n,)."""
-    acc = reference.compute_dtype(image.dtype)
+    acc = _validate.compute_dtype(image.dtype)
     scale = scale.to(acc)
     bias = None if bias is None else bias.to(acc)
     text_all = comm.all_gather(text)
@@ -62,7 +67,7 @@ def _forward(prims, comm: Comm, image, text, scale, bias, eps):
 def _backward(prims, comm: Comm, grad, image, text, scale, bias, row_lse, col_lse, eps):
     """Gradients of Σ_ranks Σ_i g_i·ℓ_i for this rank's image, text, and its share of the
     scale and bias gradients (the shares sum to the total over ranks)."""
-    acc = reference.compute_dtype(image.dtype)
+    acc = _validate.compute_dtype(image.dtype)
     scale_a = scale.to(acc)
     bias_a = None if bias is None else bias.to(acc)
     grad = grad.to(acc).contiguous()
@@ -95,44 +100,54 @@ def _backward(prims, comm: Comm, grad, image, text, scale, bias, row_lse, col_ls
 
 @torch.library.custom_op("mmkernels::infonce_fwd", mutates_args=())
 def infonce_fwd(image: Tensor, text: Tensor, scale: Tensor, bias: Optional[Tensor],
-                label_smoothing: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+                label_smoothing: float, backend: str,
+                tf32: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Per-pair losses, row LSE and column LSE (all shape (B,), float32/float64)."""
-    return _forward(PRIMITIVES[backend], LOCAL, image, text, scale, bias, label_smoothing)
+    return _forward(primitives(backend, tf32), LOCAL, image, text, scale, bias, label_smoothing)
 
 
 @infonce_fwd.register_fake
-def _(image, text, scale, bias, label_smoothing, backend):
-    acc = reference.compute_dtype(image.dtype)
+def _(image, text, scale, bias, label_smoothing, backend, tf32):
+    acc = _validate.compute_dtype(image.dtype)
     b = image.shape[0]
     return tuple(image.new_empty(b, dtype=acc) for _ in range(3))
 
 
 @torch.library.custom_op("mmkernels::infonce_bwd", mutates_args=())
 def infonce_bwd(grad: Tensor, image: Tensor, text: Tensor, scale: Tensor, bias: Optional[Tensor],
-                row_lse: Tensor, col_lse: Tensor, label_smoothing: float,
-                backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Gradients w.r.t. image, text, scale and bias (bias gradient returned even if unused)."""
-    return _backward(PRIMITIVES[backend], LOCAL, grad, image, text, scale, bias, row_lse,
+                row_lse: Tensor, col_lse: Tensor, label_smoothing: float, backend: str,
+                tf32: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients w.r.t. image, text, scale and bias (bias gradient returned even if unused);
+    all contiguous."""
+    return _backward(primitives(backend, tf32), LOCAL, grad, image, text, scale, bias, row_lse,
                      col_lse, label_smoothing)
 
 
 @infonce_bwd.register_fake
-def _(grad, image, text, scale, bias, row_lse, col_lse, label_smoothing, backend):
-    return (torch.empty_like(image), torch.empty_like(text), torch.empty_like(scale),
-            torch.empty_like(scale if bias is None else bias))
+def _(grad, image, text, scale, bias, row_lse, col_lse, label_smoothing, backend, tf32):
+    # new_empty, not empty_like: the kernels return contiguous gradients whatever the strides
+    # of the features (a transposed input must not get a transposed fake).
+    return (image.new_empty(image.shape), text.new_empty(text.shape),
+            scale.new_empty(()), (scale if bias is None else bias).new_empty(()))
 
 
 def _setup_context(ctx, inputs, output):
-    image, text, scale, bias, label_smoothing, backend = inputs
+    image, text, scale, bias, label_smoothing, backend, tf32 = inputs
     ctx.save_for_backward(image, text, scale, bias, output[1], output[2])
-    ctx.label_smoothing, ctx.backend = label_smoothing, backend
+    ctx.label_smoothing, ctx.backend, ctx.tf32 = label_smoothing, backend, tf32
 
 
 def _autograd_backward(ctx, grad_loss, _grad_row_lse, _grad_col_lse):
     image, text, scale, bias, row_lse, col_lse = ctx.saved_tensors
-    d_image, d_text, d_scale, d_bias = infonce_bwd(grad_loss, image, text, scale, bias, row_lse,
-                                                   col_lse, ctx.label_smoothing, ctx.backend)
-    return d_image, d_text, d_scale, (None if bias is None else d_bias), None, None
+    if torch.is_grad_enabled():
+        # create_graph=True: the gradient must itself be differentiable.
+        grads = reference.double_backward(reference.infonce_loss, grad_loss,
+                                          (image, text, scale, bias), ctx.label_smoothing)
+    else:
+        grads = infonce_bwd(grad_loss, image, text, scale, bias, row_lse, col_lse,
+                            ctx.label_smoothing, ctx.backend, ctx.tf32)
+    d_image, d_text, d_scale, d_bias = grads
+    return d_image, d_text, d_scale, (None if bias is None else d_bias), None, None, None
 
 
 infonce_fwd.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -150,6 +165,9 @@ class _DistributedInfoNCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        if torch.is_grad_enabled():
+            raise NotImplementedError(f"{OP}: double backward (create_graph=True) is not "
+                                      "supported with several ranks")
         image, text, scale, bias, row_lse, col_lse = ctx.saved_tensors
         d_image, d_text, d_scale, d_bias = _backward(ctx.prims, ctx.comm, grad, image, text,
                                                      scale, bias, row_lse, col_lse, ctx.eps)
@@ -189,22 +207,25 @@ def infonce_loss(image_features: Tensor, text_features: Tensor, logit_scale,
     """
     _validate.feature_pair(OP, image_features, text_features)
     device = image_features.device
-    scale = _validate.scalar(OP, "logit_scale", logit_scale, device)
-    bias = _validate.scalar(OP, "logit_bias", logit_bias, device, optional=True)
-    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
-        raise TypeError(f"{OP}: label_smoothing must be a float in [0, 1], "
+    acc = _validate.compute_dtype(image_features.dtype)
+    scale = _validate.scalar(OP, "logit_scale", logit_scale, device, acc)
+    bias = _validate.scalar(OP, "logit_bias", logit_bias, device, acc, optional=True)
+    if not _validate.is_number(label_smoothing):
+        raise TypeError(f"{OP}: label_smoothing must be a real number in [0, 1], "
                         f"got {type(label_smoothing).__name__}")
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"{OP}: label_smoothing must be in [0, 1], got {label_smoothing}")
     _validate.choice(OP, "reduction", reduction, ("mean", "sum", "none"))
-    name = _dispatch.select(backend, (image_features, text_features), OP)
+    name = DISPATCH.select(backend, {"image_features": image_features,
+                                     "text_features": text_features})
     comm = resolve(OP, distributed, group, image_features)
     eps = float(label_smoothing)
+    tf32 = name == "triton" and _dispatch.fp32_uses_tf32()
     if name == "reference":
         per_pair = reference.infonce_loss(image_features, text_features, scale, bias, eps, comm)
     elif comm is LOCAL:
-        per_pair = infonce_fwd(image_features, text_features, scale, bias, eps, name)[0]
+        per_pair = infonce_fwd(image_features, text_features, scale, bias, eps, name, tf32)[0]
     else:
         per_pair = _DistributedInfoNCE.apply(image_features, text_features, scale, bias, eps,
-                                             PRIMITIVES[name], comm)
+                                             primitives(name, tf32), comm)
     return _reduce(per_pair, reduction)

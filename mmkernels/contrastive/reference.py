@@ -10,11 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .._validate import compute_dtype
 from ..distributed import LOCAL, Comm
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _logits(q, k_all, scale, bias):
@@ -57,3 +54,14 @@ def siglip_loss(image, text, scale, bias, comm: Comm = LOCAL):
     signs = -torch.ones_like(logits)
     signs[torch.arange(b), torch.arange(b) + comm.rank * b] = 1.0
     return -F.logsigmoid(signs * logits).sum() / b
+
+
+def double_backward(loss_fn, grad, inputs, *args):
+    """The gradients of Σ grad·loss_fn(*inputs, *args) w.r.t. ``inputs`` as a differentiable
+    graph: what a fused loss's backward returns under ``create_graph=True`` (the fused kernels'
+    gradients are not themselves differentiable). None for inputs that need no gradient."""
+    with torch.enable_grad():
+        leaves = [x for x in inputs if x is not None and x.requires_grad]
+        grads = iter(torch.autograd.grad(loss_fn(*inputs, *args), leaves, grad,
+                                         create_graph=True, allow_unused=True))
+    return tuple(next(grads) if x is not None and x.requires_grad else None for x in inputs)

@@ -4,7 +4,8 @@
 
 No normalizer couples the tiles, so one pass over them yields the loss *and* its gradients
 (6·B²·D FLOPs): when a gradient will be needed the forward computes it and keeps it (O(B·D)),
-and the backward only scales it by the incoming gradient.
+and the backward only scales it by the incoming gradient. Double backward
+(``create_graph=True``) differentiates the reference formula instead (materializing B×B).
 
 Layers: ``_forward`` (host math over the backend primitive) → the custom op
 ``mmkernels::siglip_fwd`` with its autograd (one process) and ``_DistributedSigLIP`` (many) →
@@ -16,24 +17,26 @@ import torch
 from torch import Tensor
 
 from .. import _dispatch, _validate
+from .._dispatch import TRITON_DTYPES, Impl
 from ..distributed import LOCAL, Comm, resolve
 from . import reference
 from .infonce import _rowdot
-from .primitives import PRIMITIVES
+from .primitives import primitives
 
 OP = "siglip_loss"
+DISPATCH = _dispatch.Op(OP, (Impl("reference"), Impl("cpu"), Impl("triton", TRITON_DTYPES)))
 
 
 def _forward(prims, comm: Comm, image, text, scale, bias, want_grad: bool):
     """Loss of this rank's images against every rank's texts, and (if ``want_grad``) its
     gradients: image (b, D), text for the global batch (n, D, still to be reduce-scattered),
     scale and bias. Gradients are in the compute dtype."""
-    acc = reference.compute_dtype(image.dtype)
+    acc = _validate.compute_dtype(image.dtype)
     scale_a = scale.to(acc)
     bias_a = None if bias is None else bias.to(acc)
     text_all = comm.all_gather(text)
     b = image.shape[0]
-    loss_sum, a_image, a_text_all, gsum = prims.siglip(image, text_all, scale_a, bias_a,
+    loss_sum, a_image, a_text_all, gsum = prims.siglip_pass(image, text_all, scale_a, bias_a,
                                                        comm.rank * b, want_grad)
     loss = loss_sum.to(acc) / b
     if not want_grad:
@@ -46,19 +49,21 @@ def _forward(prims, comm: Comm, image, text, scale, bias, want_grad: bool):
 
 @torch.library.custom_op("mmkernels::siglip_fwd", mutates_args=())
 def siglip_fwd(image: Tensor, text: Tensor, scale: Tensor, bias: Optional[Tensor],
-               want_grad: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The loss and, when ``want_grad``, d loss / d(image, text, scale, bias); otherwise the
-    four gradients are empty."""
-    return _forward(PRIMITIVES[backend], LOCAL, image, text, scale, bias, want_grad)
+               want_grad: bool, backend: str,
+               tf32: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The loss and, when ``want_grad``, d loss / d(image, text, scale, bias) (contiguous);
+    otherwise the four gradients are empty."""
+    return _forward(primitives(backend, tf32), LOCAL, image, text, scale, bias, want_grad)
 
 
 @siglip_fwd.register_fake
-def _(image, text, scale, bias, want_grad, backend):
-    acc = reference.compute_dtype(image.dtype)
+def _(image, text, scale, bias, want_grad, backend, tf32):
+    acc = _validate.compute_dtype(image.dtype)
     loss = image.new_empty((), dtype=acc)
     if not want_grad:
         return (loss,) + tuple(image.new_empty(0, dtype=acc) for _ in range(4))
-    return (loss, torch.empty_like(image, dtype=acc), torch.empty_like(text, dtype=acc),
+    # new_empty: the gradients are contiguous whatever the features' strides.
+    return (loss, image.new_empty(image.shape, dtype=acc), text.new_empty(text.shape, dtype=acc),
             image.new_empty((), dtype=acc), image.new_empty((), dtype=acc))
 
 
@@ -72,13 +77,19 @@ def _scaled_grads(grad, image, text, scale, bias, d_image, d_text, d_scale, d_bi
 
 
 def _setup_context(ctx, inputs, output):
-    image, text, scale, bias, want_grad, backend = inputs
+    image, text, scale, bias, want_grad, backend, tf32 = inputs
     ctx.save_for_backward(image, text, scale, bias, *output[1:])
 
 
 def _autograd_backward(ctx, grad_loss, *_unused):
     image, text, scale, bias, *grads = ctx.saved_tensors
-    return _scaled_grads(grad_loss, image, text, scale, bias, *grads, LOCAL) + (None, None)
+    if torch.is_grad_enabled():
+        # create_graph=True: the saved gradients are constants; differentiate the formula.
+        grads = reference.double_backward(reference.siglip_loss, grad_loss,
+                                          (image, text, scale, bias))
+    else:
+        grads = _scaled_grads(grad_loss, image, text, scale, bias, *grads, LOCAL)
+    return tuple(grads) + (None, None, None)
 
 
 siglip_fwd.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -94,6 +105,9 @@ class _DistributedSigLIP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        if torch.is_grad_enabled():
+            raise NotImplementedError(f"{OP}: double backward (create_graph=True) is not "
+                                      "supported with several ranks")
         image, text, scale, bias, *grads = ctx.saved_tensors
         # Every rank's loss touches our texts: scale by *its* incoming gradient, then sum.
         return _scaled_grads(grad, image, text, scale, bias, *grads, ctx.comm) + (None, None)
@@ -110,15 +124,18 @@ def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logi
     """
     _validate.feature_pair(OP, image_features, text_features)
     device = image_features.device
-    scale = _validate.scalar(OP, "logit_scale", logit_scale, device)
-    bias = _validate.scalar(OP, "logit_bias", logit_bias, device, optional=True)
-    name = _dispatch.select(backend, (image_features, text_features), OP)
+    acc = _validate.compute_dtype(image_features.dtype)
+    scale = _validate.scalar(OP, "logit_scale", logit_scale, device, acc)
+    bias = _validate.scalar(OP, "logit_bias", logit_bias, device, acc, optional=True)
+    name = DISPATCH.select(backend, {"image_features": image_features,
+                                     "text_features": text_features})
+    tf32 = name == "triton" and _dispatch.fp32_uses_tf32()
     comm = resolve(OP, distributed, group, image_features)
     if name == "reference":
         return reference.siglip_loss(image_features, text_features, scale, bias, comm)
     if comm is not LOCAL:
         return _DistributedSigLIP.apply(image_features, text_features, scale, bias,
-                                        PRIMITIVES[name], comm)
+                                        primitives(name, tf32), comm)
     want_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (image_features, text_features, scale, bias))
-    return siglip_fwd(image_features, text_features, scale, bias, want_grad, name)[0]
+    return siglip_fwd(image_features, text_features, scale, bias, want_grad, name, tf32)[0]

@@ -5,7 +5,8 @@ import torch
 
 from mmkernels.contrastive import infonce, reference, siglip
 from mmkernels.distributed import LOCAL
-from oracle import FP64_RTOL, DensePrimitives, assert_close, features, log_uniform
+from contrastive_cases import DensePrimitives, features
+from oracle import FP64_RTOL, assert_close, log_uniform
 
 
 @pytest.mark.parametrize("b,d", [(1, 1), (2, 7), (7, 3), (33, 16)])
