@@ -57,18 +57,11 @@ def _seed(request):
 
 @pytest.fixture(scope="session")
 def open_clip_loss():
-    """open_clip's loss module (the optional peer we must match).
+    """open_clip's loss module (the optional peer we must match), loaded as the benchmarks
+    load it: ``open_clip/loss.py`` on its own (see ``load_open_clip_loss``)."""
+    from mmkernels.tools.bench.peers import PeerUnavailable, load_open_clip_loss
 
-    ``open_clip/loss.py`` is loaded on its own: the package ``__init__`` imports torchvision,
-    which fails beside a CPU-only torch on some machines, and the loss needs none of it.
-    """
-    import importlib.util
-
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("open_clip is not installed (pip install open_clip_torch)")
-    path = os.path.join(spec.submodule_search_locations[0], "loss.py")
-    loss_spec = importlib.util.spec_from_file_location("_open_clip_loss", path)
-    module = importlib.util.module_from_spec(loss_spec)
-    loss_spec.loader.exec_module(module)
-    return module
+    try:
+        return load_open_clip_loss()
+    except PeerUnavailable as exc:
+        pytest.skip(str(exc))
