@@ -1,8 +1,12 @@
 """Build mmkernels and its optional C++ extension ``mmkernels._C``.
 
-The extension holds the CPU kernels (``csrc/cpu``). It is optional: ``MMK_NO_CPP=1``
-skips it, and a build that fails leaves a pure-Python package whose ops fall back to the
-eager reference (``mmkernels`` warns once at import). Build against the installed torch:
+The extension holds the CPU kernels (``csrc/``: generic code in ``csrc/common``, one folder
+per op family, e.g. ``csrc/contrastive``; every ``csrc/**/*.cpp`` is compiled, and each file
+registers its own ops as ``torch.ops.mmkernels.*``). It is optional: ``MMK_NO_CPP=1`` skips
+it, and a build that fails leaves a pure-Python package whose CPU ops fall back to the eager
+reference (``mmkernels`` warns once, at the first op that would have used the extension; the
+import stays quiet). The extension records the torch version it was compiled against and is
+not loaded under any other. Build against the installed torch:
 
     pip install --no-build-isolation -e .
 """
@@ -25,7 +29,17 @@ def cpp_extensions():
         print("mmkernels: torch not importable at build time, skipping the C++ extension "
               "(install torch first and use --no-build-isolation)", file=sys.stderr)
         return [], {}
-    sources = sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    import torch
+
+    # Every .cpp under csrc/ (csrc/common, csrc/contrastive, ...): a new op family adds its
+    # folder and registers its ops there, without touching this file.
+    sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
+    # The torch version this build is compiled against, as a C string literal:
+    # csrc/common/build_info.cpp embeds it and mmkernels/_cpp.py refuses to load the library
+    # under any other torch. (torch's ninja build shell-quotes each flag, and the fallback
+    # without ninja passes arguments verbatim, so the flag is given unquoted here.)
+    escaped = str(torch.__version__).replace("\\", "\\\\").replace('"', '\\"')
+    version_define = f'-DMMK_TORCH_VERSION="{escaped}"'
     # -O3 and OpenMP (at::parallel_for expands to OpenMP pragmas in the extension's own code).
     # No -march flag: hot loops are compiled for several ISAs with target_clones and picked
     # at load time, so the wheel runs on any x86-64 CPU. -fno-trapping-math lets GCC turn the
@@ -36,7 +50,8 @@ def cpp_extensions():
         name="mmkernels._C",
         sources=sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
-        extra_compile_args={"cxx": ["-O3", "-fopenmp", "-std=c++17", "-fno-trapping-math"]},
+        extra_compile_args={"cxx": ["-O3", "-fopenmp", "-std=c++17", "-fno-trapping-math",
+                                    version_define]},
         extra_link_args=["-fopenmp"],
     )
 

@@ -1,11 +1,21 @@
 // InfoNCE on CPU: the forward computes row and column log-sum-exp of X = s I T^T + b in one
 // sweep over tiles; the backward recomputes each tile once and feeds both gradient GEMMs.
 // Neither ever holds more than a few bm x bn tiles of X (see tiles.h for the tiling).
-#include "cpu/tiles.h"
+//
+// Registers mmkernels::infonce_lse and mmkernels::infonce_grad (CPU kernels; fake tensor
+// implementations in mmkernels/contrastive/cpu.py).
+#include <ATen/ATen.h>
+#include <torch/library.h>
 
+#include <limits>
+#include <optional>
+#include <tuple>
 #include <vector>
 
+#include "contrastive/tiles.h"
+
 namespace mmk {
+namespace contrastive {
 namespace {
 
 // ---------------------------------------------------------------------------------------
@@ -112,12 +122,9 @@ void lse_pass(const TilePlan& plan, const at::Tensor& A, const at::Tensor& B, T 
     });
     // Merge the chunks' partial row states: lse = m + log(sum_t l_t e^(m_t - m)).
     for (int64_t i = 0; i < bm; ++i) {
-      T m = ninf;
-      for (int64_t t = 0; t < plan.chunks; ++t) m = max_of(m, row_max(t)[i]);
-      const T off = m == ninf ? T(0) : m;
-      T l = 0;
-      for (int64_t t = 0; t < plan.chunks; ++t) l += row_sum(t)[i] * std::exp(row_max(t)[i] - off);
-      row_lse[r0 + i] = m + std::log(l);
+      row_lse[r0 + i] = merge_lse<T>(
+          plan.chunks, [&](int64_t t) { return row_max(t)[i]; },
+          [&](int64_t t) { return row_sum(t)[i]; });
     }
   }
   for (int64_t j = 0; j < plan.cols; ++j) col_lse[j] = cmax[j] + std::log(csum[j]);
@@ -160,7 +167,9 @@ double p_tile(double* S, int64_t bm, int64_t bn, double s, double b, const doubl
   return p_tile_impl<double>(S, bm, bn, s, b, rw, rlse, cw, clse);
 }
 
-}  // namespace
+// ---------------------------------------------------------------------------------------
+// Entry points
+// ---------------------------------------------------------------------------------------
 
 std::tuple<at::Tensor, at::Tensor> infonce_lse(const at::Tensor& I, const at::Tensor& T,
                                                const at::Tensor& scale,
@@ -230,4 +239,45 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_grad(
   return {A_I, A_T, at::scalar_tensor(psum, f.I.options())};
 }
 
+}  // namespace
+}  // namespace contrastive
 }  // namespace mmk
+
+// ---------------------------------------------------------------------------------------
+// Registration (torch.ops.mmkernels.*). Other files add their own ops to the same namespace
+// with TORCH_LIBRARY_FRAGMENT; the Python package defines ops there too (torch.library).
+// ---------------------------------------------------------------------------------------
+
+TORCH_LIBRARY_FRAGMENT(mmkernels, m) {
+  // Fake (meta) implementations are registered from Python, in this module.
+  m.set_python_module("mmkernels.contrastive.cpu");
+
+  // Row and column log-sum-exp of X = scale * image @ text.T + bias in one pass.
+  //
+  // image: (M, D), text: (N, D); scale, bias: one-element tensors (bias may be None).
+  // Returns (row_lse (M,), col_lse (N,)): row_lse[i] = log sum_j exp(X[i, j]),
+  // col_lse[j] = log sum_i exp(X[i, j]). float64 inputs give float64 outputs; float32,
+  // float16 and bfloat16 inputs are computed and returned in float32.
+  m.def("infonce_lse(Tensor image, Tensor text, Tensor scale, Tensor? bias) -> (Tensor, Tensor)");
+
+  // Softmax-gradient accumulation for InfoNCE, recomputing X tile by tile.
+  //
+  // With P[i, j] = row_w[i] * exp(X[i, j] - row_lse[i]) + col_w[j] * exp(X[i, j] - col_lse[j])
+  // returns (A_I = P @ text (M, D), A_T = P.T @ image (N, D), psum = P.sum() (0-dim)), in the
+  // compute dtype of infonce_lse.
+  m.def(
+      "infonce_grad(Tensor image, Tensor text, Tensor scale, Tensor? bias, Tensor row_lse, "
+      "Tensor col_lse, Tensor row_w, Tensor col_w) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(mmkernels, CPU, m) {
+  m.impl("infonce_lse", TORCH_FN(mmk::contrastive::infonce_lse));
+  m.impl("infonce_grad", TORCH_FN(mmk::contrastive::infonce_grad));
+}
+
+// Not differentiable (the Python ops that call these register their own autograd): the
+// Autograd key falls through, so outputs never require grad, whatever the inputs.
+TORCH_LIBRARY_IMPL(mmkernels, Autograd, m) {
+  m.impl("infonce_lse", torch::CppFunction::makeFallthrough());
+  m.impl("infonce_grad", torch::CppFunction::makeFallthrough());
+}

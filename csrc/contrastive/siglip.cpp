@@ -1,11 +1,21 @@
 // SigLIP on CPU: loss and gradient weights in one sweep over tiles of X = s I T^T + b.
 // Each tile is computed once; its elementwise pass produces the loss terms and overwrites
 // the tile with G = dloss/dX, which then feeds both gradient GEMMs (see tiles.h).
-#include "cpu/tiles.h"
+//
+// Registers mmkernels::siglip_pass (CPU kernel; fake tensor implementation in
+// mmkernels/contrastive/cpu.py).
+#include <ATen/ATen.h>
+#include <torch/library.h>
 
+#include <cmath>
+#include <optional>
+#include <tuple>
 #include <vector>
 
+#include "contrastive/tiles.h"
+
 namespace mmk {
+namespace contrastive {
 namespace {
 
 // For one pair with label z and logit x, with t = -z x:
@@ -89,15 +99,17 @@ void siglip_tile(double* S, int64_t bm, int64_t bn, double s, double b, bool has
   siglip_tile_impl<double>(S, bm, bn, s, b, has_pos, diag0, grad, loss, gsum);
 }
 
-}  // namespace
+// ---------------------------------------------------------------------------------------
+// Entry point
+// ---------------------------------------------------------------------------------------
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_fwd_bwd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_pass(
     const at::Tensor& I, const at::Tensor& T, const at::Tensor& scale,
-    const std::optional<at::Tensor>& bias, int64_t diag_offset, bool compute_grad) {
-  const Features f = prepare_features(I, T, scale, bias, "siglip_fwd_bwd");
+    const std::optional<at::Tensor>& bias, int64_t diag_offset, bool want_grad) {
+  const Features f = prepare_features(I, T, scale, bias, "siglip_pass");
   const int64_t M = f.I.size(0), N = f.T.size(0);
-  at::Tensor A_I = compute_grad ? at::zeros_like(f.I) : at::empty({0}, f.I.options());
-  at::Tensor A_T = compute_grad ? at::zeros_like(f.T) : at::empty({0}, f.I.options());
+  at::Tensor A_I = want_grad ? at::zeros_like(f.I) : at::empty({0}, f.I.options());
+  at::Tensor A_T = want_grad ? at::zeros_like(f.T) : at::empty({0}, f.I.options());
   double loss = 0, gsum = 0;
   if (M > 0 && N > 0) {
     // Positives sit at column = row + offset; when the sides are swapped that reads
@@ -111,14 +123,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_fwd_bwd(
     const bool has_pos = diag_offset > -M && diag_offset < N;
     const int64_t off = has_pos ? (swap ? -diag_offset : diag_offset) : 0;
     std::vector<double> chunk_loss(plan.chunks, 0.0), chunk_gsum(plan.chunks, 0.0);
-    AT_DISPATCH_FLOATING_TYPES(f.dtype, "siglip_fwd_bwd", [&] {
+    AT_DISPATCH_FLOATING_TYPES(f.dtype, "siglip_pass", [&] {
       const scalar_t s = static_cast<scalar_t>(f.scale);
       const scalar_t b = static_cast<scalar_t>(f.bias);
       weighted_pass<scalar_t>(
-          plan, A, B, compute_grad ? (swap ? A_T : A_I) : at::Tensor(),
-          compute_grad ? (swap ? A_I : A_T) : at::Tensor(),
+          plan, A, B, want_grad ? (swap ? A_T : A_I) : at::Tensor(),
+          want_grad ? (swap ? A_I : A_T) : at::Tensor(),
           [&](scalar_t* S, int64_t r0, int64_t bm, int64_t c0, int64_t bn, int64_t t) {
-            siglip_tile(S, bm, bn, s, b, has_pos, r0 + off - c0, compute_grad, chunk_loss[t],
+            siglip_tile(S, bm, bn, s, b, has_pos, r0 + off - c0, want_grad, chunk_loss[t],
                         chunk_gsum[t]);
           });
     });
@@ -128,7 +140,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_fwd_bwd(
     }
   }
   return {at::scalar_tensor(loss, f.I.options()), A_I, A_T,
-          at::scalar_tensor(compute_grad ? gsum : 0.0, f.I.options())};
+          at::scalar_tensor(want_grad ? gsum : 0.0, f.I.options())};
 }
 
+}  // namespace
+}  // namespace contrastive
 }  // namespace mmk
+
+// ---------------------------------------------------------------------------------------
+// Registration (torch.ops.mmkernels.*), see infonce.cpp.
+// ---------------------------------------------------------------------------------------
+
+TORCH_LIBRARY_FRAGMENT(mmkernels, m) {
+  // Fake (meta) implementations are registered from Python, in this module.
+  m.set_python_module("mmkernels.contrastive.cpu");
+
+  // SigLIP loss and gradient weights in one pass over X = scale * image @ text.T + bias.
+  //
+  // Labels z[i, j] = +1 where j == i + diag_offset, else -1. Returns
+  // (loss_sum = sum softplus(-z * X) (0-dim), A_I = G @ text (M, D), A_T = G.T @ image (N, D),
+  // gsum = G.sum() (0-dim)) with G = -z * sigmoid(-z * X) = d loss_sum / dX. With
+  // want_grad=False, A_I and A_T are empty tensors (shape (0,)) and gsum is 0. Outputs are
+  // float64 for float64 inputs and float32 otherwise.
+  m.def(
+      "siglip_pass(Tensor image, Tensor text, Tensor scale, Tensor? bias, int diag_offset, "
+      "bool want_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(mmkernels, CPU, m) {
+  m.impl("siglip_pass", TORCH_FN(mmk::contrastive::siglip_pass));
+}
+
+// Not differentiable (see infonce.cpp): outputs never require grad.
+TORCH_LIBRARY_IMPL(mmkernels, Autograd, m) {
+  m.impl("siglip_pass", torch::CppFunction::makeFallthrough());
+}

@@ -1,5 +1,6 @@
-// Shared pieces of the CPU contrastive-loss kernels: input preparation, the tiling plan,
-// the per-tile GEMM, and branch-free exp/log1p that GCC can vectorise.
+// Tiling of the contrastive kernels (InfoNCE, SigLIP): the tiling plan, the per-tile GEMM,
+// the gradient-pass skeleton, and input preparation. Generic math lives in common/math.h,
+// generic argument checks in common/args.h.
 //
 // Every kernel here works on X = s * A B^T + b without ever holding the full X: the rows of
 // A are walked in blocks of `bm` rows (sequentially), and for each row block the columns
@@ -14,31 +15,14 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
-#include <cstring>
-#include <limits>
 #include <optional>
-#include <tuple>
-#include <utility>
+
+#include "common/args.h"
+#include "common/math.h"
 
 namespace mmk {
-
-// ---------------------------------------------------------------------------------------
-// Code generation helpers
-// ---------------------------------------------------------------------------------------
-
-#define MMK_INLINE inline __attribute__((always_inline))
-
-// The wheel must run on any x86-64, so there is no global -mavx2. Hot elementwise loops are
-// instead compiled twice (x86-64-v3 = AVX2+FMA, and the baseline) and the dynamic loader
-// picks one through an ifunc. The always-inline helpers below are inlined into each clone,
-// so each copy of the loop is auto-vectorised for its own ISA.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define MMK_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define MMK_MULTIVERSION
-#endif
+namespace contrastive {
 
 // ---------------------------------------------------------------------------------------
 // Tile sizes
@@ -57,8 +41,6 @@ constexpr int64_t kMaxColBlock = 512;
 // line and the vector loops over a row need no scalar remainder except in a last, partial
 // block.
 constexpr int64_t kColAlign = 16;
-
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // How one call tiles its (rows x cols) logit matrix, rows, cols >= 1. Columns are the
 // parallel side: they are cut into `col_blocks` blocks of `bn`, a multiple of the thread
@@ -157,111 +139,6 @@ void weighted_pass(const TilePlan& plan, const at::Tensor& A, const at::Tensor& 
 }
 
 // ---------------------------------------------------------------------------------------
-// Elementwise math
-// ---------------------------------------------------------------------------------------
-
-template <typename T>
-MMK_INLINE T neg_inf() {
-  return -std::numeric_limits<T>::infinity();
-}
-
-// max that never turns a finite running maximum into NaN: NaN reaches the results through
-// the sums (exp(NaN - m) = NaN), which keeps the maxima usable as exp offsets.
-template <typename T>
-MMK_INLINE T max_of(T a, T b) {
-  return b > a ? b : a;
-}
-
-MMK_INLINE float bits_float(uint32_t i) {
-  float f;
-  std::memcpy(&f, &i, sizeof(f));
-  return f;
-}
-
-MMK_INLINE uint32_t float_bits(float f) {
-  uint32_t i;
-  std::memcpy(&i, &f, sizeof(i));
-  return i;
-}
-
-// e^x in fp32 without branches or table lookups, so a loop around it vectorises.
-// x = n ln2 + r with |r| <= ln2/2 (Cody-Waite: ln2 split into a high part with trailing
-// zero bits, so n * ln2_hi is exact, and a small low part), e^r from a degree-6 polynomial
-// fitted for minimax relative error (2e-9, below fp32 rounding, so ~1 ulp overall) with the
-// constant term pinned to 1 so e^0 == 1 exactly, and 2^n assembled in exponent fields.
-// x > ln(FLT_MAX) gives +inf; NaN stays NaN (every comparison with NaN is false, so it flows
-// through the polynomial untouched).
-// kSubnormal selects the underflow behaviour. false: results below ~2^-125 (x < -86.5)
-// flush to 0, which is all a term added to a sum of order 1 needs, and never creates
-// subnormals (slow on some CPUs). true: gradual underflow down to 2^-149, for values that
-// can be the whole answer (SigLIP loss and sigmoid of a confidently separated pair).
-template <bool kSubnormal>
-MMK_INLINE float exp_f32(float x) {
-  constexpr float kLo = kSubnormal ? -103.972077083991796f : -86.5f;  // ln 2^-150 or ~ln 2^-124.8
-  constexpr float kHi = 88.72283935546875f;
-  constexpr float kLog2e = 1.44269504088896341f;
-  constexpr float kLn2Hi = 0.693145751953125f;
-  constexpr float kLn2Lo = 1.42860682030941723e-06f;
-  // Adding 1.5 * 2^23 pushes the fraction bits out of the mantissa, so the FPU rounds
-  // x * log2(e) to the nearest integer n and the low mantissa bits of the sum hold n.
-  constexpr float kShifter = 12582912.0f;
-  constexpr uint32_t kShifterBits = 0x4B400000u;
-
-  float xc = x < kLo ? kLo : x;
-  xc = xc > kHi ? kHi : xc;
-  const float t = xc * kLog2e + kShifter;
-  const float n = t - kShifter;
-  float r = xc - n * kLn2Hi;
-  r = r - n * kLn2Lo;
-  float p = 0.0013843653651749751f;
-  p = p * r + 0.008374155421350976f;
-  p = p * r + 0.041668002039231294f;
-  p = p * r + 0.16666431261330666f;
-  p = p * r + 0.4999999420900921f;
-  p = p * r + 1.000000032165329f;
-  p = p * r + 1.0f;
-  // n is in [-150, 128], outside the normal exponent range at both ends, so 2^n is applied
-  // as two normal factors 2^(n/2) (rounded down) and 2^(n - n/2); the last product rounds
-  // once into the subnormal range or to FLT_MAX..inf. For NaN input the bits of t are
-  // garbage (harmless, p is NaN); integer steps are kept free of signed overflow for it.
-  const int32_t n_int = static_cast<int32_t>(float_bits(t) - kShifterBits);
-  const int32_t n_lo = n_int >> 1;
-  const int32_t n_hi = n_int - n_lo;
-  const float two_lo = bits_float((static_cast<uint32_t>(n_lo) + 127u) << 23);
-  const float two_hi = bits_float((static_cast<uint32_t>(n_hi) + 127u) << 23);
-  float y = (p * two_lo) * two_hi;
-  y = x < kLo ? 0.0f : y;
-  y = x > kHi ? std::numeric_limits<float>::infinity() : y;
-  return y;
-}
-
-// log(1 + e) for e in [0, 1] (the softplus tail, e = exp(-|x|)), vectorisable.
-// log1p(e) = 2 atanh(w) with w = e / (2 + e) in [0, 1/3]; the odd atanh series in w needs
-// terms up to w^13 for ~1e-8 relative error at w = 1/3, and for tiny e it returns ~e with
-// full relative accuracy (no 1 + e rounding).
-MMK_INLINE float log1p_unit_f32(float e) {
-  const float w = e / (2.0f + e);
-  const float w2 = w * w;
-  float q = 1.0f / 13.0f;
-  q = q * w2 + 1.0f / 11.0f;
-  q = q * w2 + 1.0f / 9.0f;
-  q = q * w2 + 1.0f / 7.0f;
-  q = q * w2 + 1.0f / 5.0f;
-  q = q * w2 + 1.0f / 3.0f;
-  q = q * w2 + 1.0f;
-  return 2.0f * w * q;
-}
-
-// Kernels are written once as templates; float uses the vectorisable forms above and double
-// (the gradcheck path, where exactness matters and speed does not) uses libm.
-MMK_INLINE float fast_exp(float x) { return exp_f32<false>(x); }
-MMK_INLINE double fast_exp(double x) { return std::exp(x); }
-MMK_INLINE float fast_exp_subnormal(float x) { return exp_f32<true>(x); }
-MMK_INLINE double fast_exp_subnormal(double x) { return std::exp(x); }
-MMK_INLINE float log1p_unit(float e) { return log1p_unit_f32(e); }
-MMK_INLINE double log1p_unit(double e) { return std::log1p(e); }
-
-// ---------------------------------------------------------------------------------------
 // Input preparation (the Python layer validates too, but these must never crash on bad calls)
 // ---------------------------------------------------------------------------------------
 
@@ -270,13 +147,6 @@ struct Features {
   at::ScalarType dtype;      // kFloat or kDouble
   double scale, bias;
 };
-
-inline double scalar_arg(const at::Tensor& t, const char* fn, const char* name) {
-  TORCH_CHECK(t.defined() && t.numel() == 1, fn, ": ", name,
-              " must be a tensor with exactly one element, got shape ", t.sizes());
-  TORCH_CHECK(t.device().is_cpu(), fn, ": ", name, " must be a CPU tensor, got ", t.device());
-  return t.item<double>();
-}
 
 inline Features prepare_features(const at::Tensor& I, const at::Tensor& T, const at::Tensor& scale,
                                  const std::optional<at::Tensor>& bias, const char* fn) {
@@ -299,37 +169,9 @@ inline Features prepare_features(const at::Tensor& I, const at::Tensor& T, const
   f.I = I.detach().to(f.dtype).contiguous();
   f.T = T.detach().to(f.dtype).contiguous();
   f.scale = scalar_arg(scale, fn, "scale");
-  f.bias = bias.has_value() && bias->defined() ? scalar_arg(*bias, fn, "bias") : 0.0;
+  f.bias = optional_scalar_arg(bias, 0.0, fn, "bias");
   return f;
 }
 
-// A per-row or per-column vector argument (lse, weights) as a contiguous compute-dtype tensor.
-inline at::Tensor vector_arg(const at::Tensor& v, int64_t len, at::ScalarType dtype, const char* fn,
-                             const char* name) {
-  TORCH_CHECK(v.defined(), fn, ": ", name, " must be a tensor");
-  TORCH_CHECK(v.device().is_cpu(), fn, ": ", name, " must be a CPU tensor, got ", v.device());
-  TORCH_CHECK(v.dim() == 1 && v.size(0) == len, fn, ": ", name, " must have shape (", len,
-              ",), got ", v.sizes());
-  TORCH_CHECK(at::isFloatingType(v.scalar_type()), fn, ": ", name,
-              " must be floating point, got ", v.scalar_type());
-  return v.detach().to(dtype).contiguous();
-}
-
-// ---------------------------------------------------------------------------------------
-// Entry points (defined in infonce.cpp / siglip.cpp, exposed by bindings.cpp)
-// ---------------------------------------------------------------------------------------
-
-std::tuple<at::Tensor, at::Tensor> infonce_lse(const at::Tensor& I, const at::Tensor& T,
-                                               const at::Tensor& scale,
-                                               const std::optional<at::Tensor>& bias);
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_grad(
-    const at::Tensor& I, const at::Tensor& T, const at::Tensor& scale,
-    const std::optional<at::Tensor>& bias, const at::Tensor& row_lse, const at::Tensor& col_lse,
-    const at::Tensor& row_w, const at::Tensor& col_w);
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_fwd_bwd(
-    const at::Tensor& I, const at::Tensor& T, const at::Tensor& scale,
-    const std::optional<at::Tensor>& bias, int64_t diag_offset, bool compute_grad);
-
+}  // namespace contrastive
 }  // namespace mmk

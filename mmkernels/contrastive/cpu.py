@@ -1,0 +1,99 @@
+"""The C++ contrastive ops (``csrc/contrastive``) as seen from Python.
+
+``mmkernels._C`` registers three CPU kernels in the ``mmkernels`` namespace (schemas in
+``csrc/contrastive/infonce.cpp`` and ``siglip.cpp``):
+
+  infonce_lse(image, text, scale, bias?)                          -> row_lse (M,), col_lse (N,)
+  infonce_grad(image, text, scale, bias?, row_lse, col_lse, row_w, col_w)
+                                                                  -> A_I (M, D), A_T (N, D), psum ()
+  siglip_pass(image, text, scale, bias?, diag_offset, want_grad) -> loss_sum (), A_I, A_T, gsum ()
+
+This module registers their fake (meta) implementations, so that torch.compile and
+torch.library.opcheck can trace them (the C++ side names this module with
+``m.set_python_module``), and wraps them as ``CppPrimitives``. Both need the extension:
+without it, importing this module does nothing and ``CppPrimitives`` must not be called (the
+dispatcher never picks the ``cpu`` backend then).
+
+Outputs are contiguous and computed in float64 for float64 inputs, float32 for every other
+floating dtype (float32, float16, bfloat16).
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _cpp
+
+_registered = False
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _check_features(image, text):
+    torch._check(image.dim() == 2 and text.dim() == 2,
+                 lambda: f"image and text must be 2-D, got {image.shape} and {text.shape}")
+    torch._check(image.dtype == text.dtype,
+                 lambda: f"image and text must have the same dtype, got {image.dtype}, {text.dtype}")
+    torch._check(image.shape[1] == text.shape[1],
+                 lambda: f"image and text must have the same feature size, got "
+                         f"{image.shape[1]} and {text.shape[1]}")
+    return _compute_dtype(image)
+
+
+def _infonce_lse_fake(image, text, scale, bias):
+    dtype = _check_features(image, text)
+    return (image.new_empty((image.shape[0],), dtype=dtype),
+            image.new_empty((text.shape[0],), dtype=dtype))
+
+
+def _infonce_grad_fake(image, text, scale, bias, row_lse, col_lse, row_w, col_w):
+    dtype = _check_features(image, text)
+    return (image.new_empty(image.shape, dtype=dtype),
+            image.new_empty(text.shape, dtype=dtype),
+            image.new_empty((), dtype=dtype))
+
+
+def _siglip_pass_fake(image, text, scale, bias, diag_offset, want_grad):
+    dtype = _check_features(image, text)
+    a_i = image.new_empty(image.shape if want_grad else (0,), dtype=dtype)
+    a_t = image.new_empty(text.shape if want_grad else (0,), dtype=dtype)
+    return (image.new_empty((), dtype=dtype), a_i, a_t, image.new_empty((), dtype=dtype))
+
+
+def register_fakes() -> bool:
+    """Register the fake implementations of the C++ ops, once; True when they are registered.
+
+    Does nothing (False) when the extension is not loaded: the ops do not exist then.
+    """
+    global _registered
+    if _registered:
+        return True
+    if _cpp.load() is None:
+        return False
+    torch.library.register_fake("mmkernels::infonce_lse", _infonce_lse_fake)
+    torch.library.register_fake("mmkernels::infonce_grad", _infonce_grad_fake)
+    torch.library.register_fake("mmkernels::siglip_pass", _siglip_pass_fake)
+    _registered = True
+    return True
+
+
+register_fakes()
+
+
+class CppPrimitives:
+    """The tile primitives (see primitives.py) on the C++ kernels. Needs the extension."""
+
+    name = "cpu"
+
+    @staticmethod
+    def lse(i, t, scale, bias):
+        return torch.ops.mmkernels.infonce_lse(i, t, scale, bias)
+
+    @staticmethod
+    def grad(i, t, scale, bias, row_lse, col_lse, row_w, col_w):
+        return torch.ops.mmkernels.infonce_grad(i, t, scale, bias, row_lse, col_lse, row_w, col_w)
+
+    @staticmethod
+    def siglip_pass(i, t, scale, bias, offset, want_grad):
+        return torch.ops.mmkernels.siglip_pass(i, t, scale, bias, offset, want_grad)
