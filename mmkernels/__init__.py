@@ -5,12 +5,18 @@ Triton on CUDA, C++ on CPU (the optional extension ``mmkernels._C``), and an eag
 reference that is both the test oracle and the fallback. Importing the package touches
 neither CUDA nor triton.
 """
-from . import nn
+from . import _cpp, nn
 from ._dispatch import BackendUnavailableError, available_backends, unavailable_reasons
 from .contrastive.infonce import infonce_loss
 from .contrastive.siglip import siglip_loss
 
 __version__ = "0.1.0"
+
+# Load the C++ kernels now (a millisecond; quiet: a missing build warns at the first op that
+# would have used it), so that nothing is imported while torch.compile traces a first call,
+# and register their fake implementations.
+if _cpp.load() is not None:
+    from .contrastive import cpu as _cpu  # noqa: F401
 
 __all__ = [
     "BackendUnavailableError",

@@ -37,6 +37,9 @@ from . import _cpp
 from ._validate import FLOAT_DTYPES, dtype_name
 
 BACKENDS = ("reference", "cpu", "triton")
+# Looked up once at import (find_spec does not import triton): the dispatcher runs inside
+# torch.compile traces, where importlib calls are not traceable.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -53,7 +56,7 @@ def machine_reason(backend: str) -> str | None:
     if backend == "cpu":
         return _cpp.error()
     if backend == "triton":
-        if importlib.util.find_spec("triton") is None:
+        if not _TRITON_INSTALLED:
             return "triton is not installed (pip install triton)"
         # torch.cuda.is_available() does not create a CUDA context.
         if not torch.cuda.is_available() and not interpreter():
@@ -83,23 +86,23 @@ def _tensors(inputs: Mapping) -> dict[str, torch.Tensor]:
     return {name: t for name, t in inputs.items() if isinstance(t, torch.Tensor)}
 
 
-def _device_reasons(backend: str, tensors: dict[str, torch.Tensor]) -> list[str]:
-    """Device limits every op shares on ``backend``."""
-    devices = {t.device.type for t in tensors.values()}
+def _device_reasons(backend: str, devices: set, floats: set) -> list[str]:
+    """Device limits every op shares on ``backend``, for inputs on ``devices`` (torch.device)
+    with floating dtypes ``floats``."""
+    cuda = next((d for d in devices if d.type == "cuda"), None)
+    types = {d.type for d in devices}
     if backend == "cpu":
-        return [f"the C++ kernels take CPU tensors, got {d} tensors" for d in devices - {"cpu"}]
+        return [f"the C++ kernels take CPU tensors, got {d} tensors" for d in types - {"cpu"}]
     if backend != "triton":
         return []
     reasons = [f"Triton kernels take CUDA tensors, got {d} tensors"
-               for d in devices - {"cpu", "cuda"}]
-    floats = {t.dtype for t in tensors.values() if t.is_floating_point()}
-    if "cpu" in devices:
+               for d in types - {"cpu", "cuda"}]
+    if "cpu" in types:
         if not interpreter():
             reasons.append("CPU tensors need TRITON_INTERPRET=1 to run Triton kernels")
         elif torch.bfloat16 in floats:
             reasons.append("bfloat16 is silently wrong in the Triton interpreter")
-    if "cuda" in devices:
-        cuda = next(t.device for t in tensors.values() if t.device.type == "cuda")
+    if cuda is not None:
         major, minor = torch.cuda.get_device_capability(cuda)
         if major < 8:
             # mma on bf16 and TF32 operands needs Ampere; the compile would fail.
@@ -142,7 +145,8 @@ class Impl:
             if t.is_floating_point() and t.dtype not in self.dtypes:
                 reasons.append(f"{name}: dtype {dtype_name(t.dtype)} is not supported "
                                f"(supports {supported})")
-        reasons += _device_reasons(self.backend, tensors)
+        reasons += _device_reasons(self.backend, {t.device for t in tensors.values()},
+                                   {t.dtype for t in tensors.values() if t.is_floating_point()})
         return reasons + self.op_reasons(inputs)
 
 

@@ -53,15 +53,3 @@ def _seed(request):
     # test order and of which tests were selected.
     torch.manual_seed(SEED ^ (hash(request.node.nodeid) & 0x7FFFFFFF))
     yield
-
-
-@pytest.fixture(scope="session")
-def open_clip_loss():
-    """open_clip's loss module (the optional peer we must match), loaded as the benchmarks
-    load it: ``open_clip/loss.py`` on its own (see ``load_open_clip_loss``)."""
-    from mmkernels.tools.bench.peers import PeerUnavailable, load_open_clip_loss
-
-    try:
-        return load_open_clip_loss()
-    except PeerUnavailable as exc:
-        pytest.skip(str(exc))

@@ -108,3 +108,17 @@ def test_auto_fallback_warns_once_with_the_reason():
         warnings.simplefilter("error")
         assert HEAD_OP.select("auto", {"q": q}) == "reference"
         assert HEAD_OP.select("auto", {"q": torch.randn(2, 4)}) == "cpu"
+
+
+@pytest.mark.parametrize("precision,dtype,words", [
+    ("highest", torch.bfloat16, "bfloat16 needs compute capability 8.0"),
+    ("high", torch.float32, "TF32"),
+])
+def test_old_gpus_refuse_bf16_and_tf32(monkeypatch, precision, dtype, words):
+    """sm_70/75 cannot run bf16 or TF32 tensor-core code: refused with the reason, not a
+    failed compile (checked without a GPU: the capability query is stubbed)."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: precision)
+    reasons = _dispatch._device_reasons("triton", {torch.device("cuda", 0)}, {dtype})
+    assert any(words in r and "sm_75" in r for r in reasons), reasons
+    assert not _dispatch._device_reasons("triton", {torch.device("cuda", 0)}, {torch.float16})

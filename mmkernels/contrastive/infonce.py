@@ -20,6 +20,7 @@ Layers (Liger-Kernel style): ``_forward``/``_backward`` (host math) → the cust
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _dispatch, _validate
@@ -37,48 +38,88 @@ def _rowdot(a: Tensor, b: Tensor) -> Tensor:
     return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
 
 
-def _forward(prims, comm: Comm, image, text, scale, bias, eps):
-    """Per-pair losses (b,), row LSE (b,) and column LSE over the global batch (n,)."""
+#: Below this many bytes of logits (B² in the compute dtype: B = 8192 in fp32) the C++ backend
+#: keeps the forward's logit tiles for the backward instead of recomputing them: 6·B²·D FLOPs
+#: instead of 8·B²·D, for one B×B buffer (the eager formula holds about four).
+KEEP_LOGITS_BYTES = 256 * 2**20
+
+
+def keep_logits(backend: str, m: int, n: int, dtype: torch.dtype, want_grad: bool) -> bool:
+    """Whether the forward keeps its logits for the backward (C++ backend, small B only)."""
+    itemsize = torch.finfo(_validate.compute_dtype(dtype)).bits // 8
+    return want_grad and backend == "cpu" and m * n * itemsize <= KEEP_LOGITS_BYTES
+
+
+def _forward(prims, comm: Comm, image, text, scale, bias, eps, keep=False):
+    """Per-pair losses (b,), the row LSE (b,) and column LSE over the global batch (n,), each
+    pair's excesses r_i − X_ii and c_i − X_ii (b, 2), and the kept logits (or empty).
+
+    The primitive leaves the positive pair out of its sums and reports its logit X_ii as the
+    tile computed it, so r_i − X_ii = softplus(lse_off_i − X_ii) is formed without
+    cancellation: accurate also when the loss is tiny (aligned pairs, confident model)."""
     acc = _validate.compute_dtype(image.dtype)
     scale = scale.to(acc)
     bias = None if bias is None else bias.to(acc)
     text_all = comm.all_gather(text)
-    row_lse, col_lse_part = prims.lse(image, text_all, scale, bias)
-    # Each rank saw only its own rows: combine the column partials into the global LSE.
-    col_lse = comm.logsumexp_across(col_lse_part)
     b, n = image.shape[0], text_all.shape[0]
-    image_a, text_a = image.to(acc), text.to(acc)
-    diag = scale * _rowdot(image_a, text_a)
-    if bias is not None:
-        diag = diag + bias
-    own = slice(comm.rank * b, (comm.rank + 1) * b)
-    loss = 0.5 * (row_lse + col_lse[own]) - (1.0 - eps) * diag
+    offset = comm.rank * b
+    row_off, col_off_part, diag, tiles = prims.lse(image, text_all, scale, bias, offset, keep)
+    row_off, diag = row_off.to(acc), diag.to(acc)
+    # Each rank saw only its own rows: combine the column partials (disjoint sums) globally.
+    col_off = comm.logsumexp_across(col_off_part.to(acc))
+    own = slice(offset, offset + b)
+    excess = torch.stack([F.softplus(row_off - diag), F.softplus(col_off[own] - diag)], 1)
+    loss = 0.5 * excess.sum(1)
     if eps:
-        # mean_j X_ij = s·⟨I_i, ΣT⟩/n + b: label smoothing needs only the feature sums.
+        # CE with smoothing = (r_i − X_ii) + ε·(X_ii − mean_j X_ij); mean_j X_ij = s·⟨I_i, ΣT⟩/n
+        # + b needs only the feature sums.
+        image_a, text_a = image.to(acc), text.to(acc)
         text_sum = text_all.sum(0, dtype=acc)
         image_sum = comm.all_reduce(image.sum(0, dtype=acc))
         means = scale * (image_a @ text_sum + text_a @ image_sum) / n
         if bias is not None:
             means = means + 2 * bias
-        loss = loss - 0.5 * eps * means
-    return loss, row_lse, col_lse
+        loss = loss + eps * diag - 0.5 * eps * means
+    row_lse = torch.logaddexp(row_off, diag)
+    col_lse = torch.logaddexp(col_off, comm.all_gather(diag))
+    return loss, row_lse, col_lse, excess, tiles
 
 
-def _backward(prims, comm: Comm, grad, image, text, scale, bias, row_lse, col_lse, eps):
+def _backward(prims, comm: Comm, grad, image, text, scale, bias, row_lse, col_lse, excess, eps,
+              tiles, query_only=False):
     """Gradients of Σ_ranks Σ_i g_i·ℓ_i for this rank's image, text, and its share of the
-    scale and bias gradients (the shares sum to the total over ranks)."""
+    scale and bias gradients (the shares sum to the total over ranks).
+
+    ``query_only`` (open_clip's local_loss=True, gather_with_grad=False): a feature gets the
+    gradient of its own cross-entropy only (image i of row i, text i of column i), not of its
+    appearances as another pair's negative; the scale and bias gradients are then this rank's
+    full ones. It costs a second pass over the tiles."""
     acc = _validate.compute_dtype(image.dtype)
     scale_a = scale.to(acc)
     bias_a = None if bias is None else bias.to(acc)
     grad = grad.to(acc).contiguous()
     text_all, grad_all = comm.all_gather(text), comm.all_gather(grad)
-    a_image, a_text_all, psum = prims.grad(image, text_all, scale_a, bias_a, row_lse, col_lse,
-                                           0.5 * grad, 0.5 * grad_all)
+    b = image.shape[0]
+    # The primitive covers every pair but the positives: P_ij = ½g_i·e^{X_ij−r_i} + ½g_j·e^{X_ij−c_j}.
+    row_w, col_w = 0.5 * grad, 0.5 * grad_all
+    offset = comm.rank * b
+    if query_only:
+        a_image, _, psum = prims.grad(image, text_all, scale_a, bias_a, row_lse, col_lse, row_w,
+                                      torch.zeros_like(col_w), offset, tiles)
+        _, a_text_all, psum_col = prims.grad(image, text_all, scale_a, bias_a, row_lse, col_lse,
+                                             torch.zeros_like(row_w), col_w, offset, tiles)
+        psum = psum + psum_col
+    else:
+        a_image, a_text_all, psum = prims.grad(image, text_all, scale_a, bias_a, row_lse,
+                                               col_lse, row_w, col_w, offset, tiles)
     a_text = comm.reduce_scatter(a_text_all)
     image_a, text_a = image.to(acc), text.to(acc)
-    # Target terms: dX_ii carries −(1−ε)·g_i.
-    a_image.addcmul_(grad[:, None], text_a, value=-(1.0 - eps))
-    a_text.addcmul_(grad[:, None], image_a, value=-(1.0 - eps))
+    # The positives, in the compute dtype: dX_ii = ½g_i·[(e^{X_ii−r_i} − 1) + (e^{X_ii−c_i} − 1)]
+    # + ε·g_i, with e^{−x} − 1 = expm1(−x) exact for the tiny excesses of confident pairs.
+    diag_rc = 0.5 * grad[:, None] * (torch.expm1(-excess) + eps)
+    diag_w = diag_rc.sum(1)
+    a_image.addcmul_((diag_rc[:, 0] if query_only else diag_w)[:, None], text_a)
+    a_text.addcmul_((diag_rc[:, 1] if query_only else diag_w)[:, None], image_a)
     if eps:
         # Smoothing terms: −ε/(2n)·(g_i + g_j) on every entry, a sum of two rank-one matrices.
         n = text_all.shape[0]
@@ -87,11 +128,17 @@ def _backward(prims, comm: Comm, grad, image, text, scale, bias, row_lse, col_ls
         image_sum = comm.all_reduce(image.sum(0, dtype=acc))
         g_text = grad_all @ text_all.to(acc)
         g_image = comm.all_reduce(grad @ image_a)
-        a_image.addr_(grad, text_sum, alpha=-c).sub_(c * g_text)
-        a_text.addr_(grad, image_sum, alpha=-c).sub_(c * g_image)
-    # ∂/∂s = Σ dX_ij·⟨I_i, T_j⟩ = ⟨I, dX·T⟩; ∂/∂b = Σ dX_ij = ΣP − Σg.
+        a_image.addr_(grad, text_sum, alpha=-c)
+        a_text.addr_(grad, image_sum, alpha=-c)
+        if not query_only:
+            a_image.sub_(c * g_text)
+            a_text.sub_(c * g_image)
+    # ∂/∂s = Σ dX_ij·⟨I_i, T_j⟩ = ⟨I, dX·T⟩ (+ ⟨T, dXᵀ·I⟩ over our columns when the two paths
+    # are apart); ∂/∂b = Σ dX_ij (analytically 0: each softmax sums to one).
     d_scale = _rowdot(image_a, a_image).sum()
-    d_bias = psum.to(acc) - grad.sum()
+    if query_only:
+        d_scale = d_scale + _rowdot(text_a, a_text).sum()
+    d_bias = psum.to(acc) + diag_w.sum() - eps * grad.sum()
     d_image = a_image.mul_(scale_a).to(image.dtype)
     d_text = a_text.mul_(scale_a).to(text.dtype)
     bias_dtype = scale.dtype if bias is None else bias.dtype
@@ -100,31 +147,37 @@ def _backward(prims, comm: Comm, grad, image, text, scale, bias, row_lse, col_ls
 
 @torch.library.custom_op("mmkernels::infonce_fwd", mutates_args=())
 def infonce_fwd(image: Tensor, text: Tensor, scale: Tensor, bias: Optional[Tensor],
-                label_smoothing: float, backend: str,
-                tf32: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-pair losses, row LSE and column LSE (all shape (B,), float32/float64)."""
-    return _forward(primitives(backend, tf32), LOCAL, image, text, scale, bias, label_smoothing)
+                label_smoothing: float, backend: str, tf32: bool,
+                keep_logits: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Per-pair losses, row and column LSE (B,), the pairs' excesses (B, 2) (float32/float64),
+    and the logits (B, B) when ``keep_logits``, else an empty tensor."""
+    return _forward(primitives(backend, tf32), LOCAL, image, text, scale, bias, label_smoothing,
+                    keep_logits)
 
 
 @infonce_fwd.register_fake
-def _(image, text, scale, bias, label_smoothing, backend, tf32):
+def _(image, text, scale, bias, label_smoothing, backend, tf32, keep_logits):
     acc = _validate.compute_dtype(image.dtype)
     b = image.shape[0]
-    return tuple(image.new_empty(b, dtype=acc) for _ in range(3))
+    tiles = image.new_empty((b, b) if keep_logits else (0,), dtype=acc)
+    return (*(image.new_empty(b, dtype=acc) for _ in range(3)), image.new_empty(b, 2, dtype=acc),
+            tiles)
 
 
 @torch.library.custom_op("mmkernels::infonce_bwd", mutates_args=())
 def infonce_bwd(grad: Tensor, image: Tensor, text: Tensor, scale: Tensor, bias: Optional[Tensor],
-                row_lse: Tensor, col_lse: Tensor, label_smoothing: float, backend: str,
+                row_lse: Tensor, col_lse: Tensor, excess: Tensor, logits: Tensor,
+                label_smoothing: float, backend: str,
                 tf32: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients w.r.t. image, text, scale and bias (bias gradient returned even if unused);
     all contiguous."""
     return _backward(primitives(backend, tf32), LOCAL, grad, image, text, scale, bias, row_lse,
-                     col_lse, label_smoothing)
+                     col_lse, excess, label_smoothing, logits)
 
 
 @infonce_bwd.register_fake
-def _(grad, image, text, scale, bias, row_lse, col_lse, label_smoothing, backend, tf32):
+def _(grad, image, text, scale, bias, row_lse, col_lse, excess, logits, label_smoothing,
+      backend, tf32):
     # new_empty, not empty_like: the kernels return contiguous gradients whatever the strides
     # of the features (a transposed input must not get a transposed fake).
     return (image.new_empty(image.shape), text.new_empty(text.shape),
@@ -132,46 +185,76 @@ def _(grad, image, text, scale, bias, row_lse, col_lse, label_smoothing, backend
 
 
 def _setup_context(ctx, inputs, output):
-    image, text, scale, bias, label_smoothing, backend, tf32 = inputs
-    ctx.save_for_backward(image, text, scale, bias, output[1], output[2])
+    image, text, scale, bias, label_smoothing, backend, tf32, keep_logits = inputs
+    ctx.save_for_backward(image, text, scale, bias, *output[1:])
     ctx.label_smoothing, ctx.backend, ctx.tf32 = label_smoothing, backend, tf32
 
 
-def _autograd_backward(ctx, grad_loss, _grad_row_lse, _grad_col_lse):
-    image, text, scale, bias, row_lse, col_lse = ctx.saved_tensors
+def _autograd_backward(ctx, grad_loss, *_unused):
+    image, text, scale, bias, row_lse, col_lse, excess, logits = ctx.saved_tensors
     if torch.is_grad_enabled():
         # create_graph=True: the gradient must itself be differentiable.
         grads = reference.double_backward(reference.infonce_loss, grad_loss,
                                           (image, text, scale, bias), ctx.label_smoothing)
     else:
-        grads = infonce_bwd(grad_loss, image, text, scale, bias, row_lse, col_lse,
-                            ctx.label_smoothing, ctx.backend, ctx.tf32)
+        grads = infonce_bwd(grad_loss, image, text, scale, bias, row_lse, col_lse, excess,
+                            logits, ctx.label_smoothing, ctx.backend, ctx.tf32)
     d_image, d_text, d_scale, d_bias = grads
-    return d_image, d_text, d_scale, (None if bias is None else d_bias), None, None, None
+    return d_image, d_text, d_scale, (None if bias is None else d_bias), None, None, None, None
 
 
 infonce_fwd.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
 class _DistributedInfoNCE(torch.autograd.Function):
-    """The multi-rank loss: local rows against every rank's columns, collectives inside."""
+    """The multi-rank loss: local rows against every rank's columns, collectives inside, with
+    open_clip's two flags (see ``infonce_loss``):
+
+      local_loss  gather_with_grad  returns                   a rank's feature gradient
+      True        True              own pairs' losses (b,)    ∂(Σ_ranks loss)/∂(own features)
+      True        False             own pairs' losses (b,)    own pairs' query terms only
+      False       True              all pairs' losses (n,)    ∂(Σ_ranks loss)/∂(own features)
+      False       False             all pairs' losses (n,)    ∂(own loss)/∂(own features)
+    """
 
     @staticmethod
-    def forward(ctx, image, text, scale, bias, eps, prims, comm):
-        loss, row_lse, col_lse = _forward(prims, comm, image, text, scale, bias, eps)
-        ctx.save_for_backward(image, text, scale, bias, row_lse, col_lse)
+    def forward(ctx, image, text, scale, bias, eps, prims, comm, local_loss, gather_with_grad):
+        loss, row_lse, col_lse, excess, _ = _forward(prims, comm, image, text, scale, bias, eps)
+        ctx.save_for_backward(image, text, scale, bias, row_lse, col_lse, excess)
         ctx.eps, ctx.prims, ctx.comm = eps, prims, comm
-        return loss
+        ctx.local_loss, ctx.gather_with_grad = local_loss, gather_with_grad
+        return loss if local_loss else comm.all_gather(loss)
 
     @staticmethod
     def backward(ctx, grad):
         if torch.is_grad_enabled():
             raise NotImplementedError(f"{OP}: double backward (create_graph=True) is not "
                                       "supported with several ranks")
-        image, text, scale, bias, row_lse, col_lse = ctx.saved_tensors
-        d_image, d_text, d_scale, d_bias = _backward(ctx.prims, ctx.comm, grad, image, text,
-                                                     scale, bias, row_lse, col_lse, ctx.eps)
-        return d_image, d_text, d_scale, (None if bias is None else d_bias), None, None, None
+        image, text, scale, bias, row_lse, col_lse, excess = ctx.saved_tensors
+        comm, b = ctx.comm, image.shape[0]
+        own = slice(comm.rank * b, (comm.rank + 1) * b)
+        detached = not ctx.gather_with_grad
+        if ctx.local_loss:
+            own_grad = grad
+        elif ctx.gather_with_grad:
+            # Every rank's loss covers every pair and every rank differentiates it through the
+            # gathered features: the pairs' weights add up over ranks.
+            own_grad = comm.all_reduce(grad)[own]
+        else:
+            # Each rank differentiates only its own copy of the global loss, through its own
+            # features: exact with one weight vector, so every rank must send the same one.
+            if not torch.equal(comm.all_reduce(grad) / comm.world_size, grad):
+                raise ValueError(f"{OP}: with local_loss=False and gather_with_grad=False every "
+                                 "rank must back-propagate the same gradient into the loss")
+            own_grad = grad[own]
+        d_image, d_text, d_scale, d_bias = _backward(
+            ctx.prims, comm, own_grad.contiguous(), image, text, scale, bias, row_lse, col_lse,
+            excess, ctx.eps, image.new_empty(0), query_only=ctx.local_loss and detached)
+        if not ctx.local_loss and detached:
+            # Shares of the scalar gradients, made whole: each rank owns its full copy.
+            d_scale, d_bias = comm.all_reduce(d_scale), comm.all_reduce(d_bias)
+        return (d_image, d_text, d_scale, None if bias is None else d_bias,
+                None, None, None, None, None)
 
 
 def _reduce(per_pair: Tensor, reduction: str) -> Tensor:
@@ -185,7 +268,7 @@ def _reduce(per_pair: Tensor, reduction: str) -> Tensor:
 def infonce_loss(image_features: Tensor, text_features: Tensor, logit_scale,
                  logit_bias=None, *, label_smoothing: float = 0.0, reduction: str = "mean",
                  backend: str = "auto", distributed: Optional[bool] = None,
-                 group=None) -> Tensor:
+                 group=None, local_loss: bool = True, gather_with_grad: bool = True) -> Tensor:
     """Symmetric CLIP (InfoNCE) loss of paired features, never building the B×B logits.
 
     Args:
@@ -200,10 +283,15 @@ def infonce_loss(image_features: Tensor, text_features: Tensor, logit_scale,
         distributed: None uses every rank's negatives when torch.distributed is initialised
             with more than one process; False keeps the loss local; True requires it.
         group: the process group (default: the world).
+        local_loss, gather_with_grad: open_clip's flags, used with several ranks. The
+            defaults (True, True) return this rank's pairs' loss against the global batch, and
+            DDP's averaging gives exactly the gradient of the mean loss over the global batch.
+            local_loss=False returns the loss over the whole global batch (every rank the
+            same); gather_with_grad=False differentiates a rank's loss through its own features
+            only, as open_clip does (with local_loss=False the encoders then get 1/world_size
+            of the gradient, open_clip's default behaviour).
 
-    Returns a float32 loss (float64 for float64 inputs). With several ranks the loss covers
-    this rank's pairs against the global batch; DDP's averaging then gives the gradient of
-    the mean loss over the global batch.
+    Returns a float32 loss (float64 for float64 inputs).
     """
     _validate.feature_pair(OP, image_features, text_features)
     device = image_features.device
@@ -221,11 +309,20 @@ def infonce_loss(image_features: Tensor, text_features: Tensor, logit_scale,
     comm = resolve(OP, distributed, group, image_features)
     eps = float(label_smoothing)
     tf32 = name == "triton" and _dispatch.fp32_uses_tf32()
+    local_loss, gather_with_grad = bool(local_loss), bool(gather_with_grad)
     if name == "reference":
-        per_pair = reference.infonce_loss(image_features, text_features, scale, bias, eps, comm)
+        per_pair = reference.infonce_loss(image_features, text_features, scale, bias, eps, comm,
+                                          local_loss, gather_with_grad)
     elif comm is LOCAL:
-        per_pair = infonce_fwd(image_features, text_features, scale, bias, eps, name, tf32)[0]
+        want_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad
+            for t in (image_features, text_features, scale, bias))
+        keep = keep_logits(name, image_features.shape[0], text_features.shape[0],
+                           image_features.dtype, want_grad)
+        per_pair = infonce_fwd(image_features, text_features, scale, bias, eps, name, tf32,
+                               keep)[0]
     else:
         per_pair = _DistributedInfoNCE.apply(image_features, text_features, scale, bias, eps,
-                                             primitives(name, tf32), comm)
+                                             primitives(name, tf32), comm, local_loss,
+                                             gather_with_grad)
     return _reduce(per_pair, reduction)

@@ -19,18 +19,37 @@ def _logits(q, k_all, scale, bias):
     return logits if bias is None else logits + bias
 
 
-def infonce_loss(image, text, scale, bias, label_smoothing=0.0, comm: Comm = LOCAL):
-    """Per-pair symmetric CLIP loss, shape (b,): (CE over the row + CE over the column) / 2.
+def infonce_loss(image, text, scale, bias, label_smoothing=0.0, comm: Comm = LOCAL,
+                 local_loss=True, gather_with_grad=True):
+    """Symmetric CLIP loss per pair: (CE over the row + CE over the column) / 2.
 
-    With a distributed ``comm`` the local rows are scored against every rank's columns
-    (open_clip's local_loss=True with gather_with_grad=True).
+    One process: shape (b,). Several ranks: open_clip's ClipLoss algorithm with its two
+    flags — features gathered with or without gradient (without, a rank's own slot keeps its
+    gradient unless ``local_loss``); local rows against all columns, shape (b,), or the whole
+    global batch, shape (n,).
     """
     acc = compute_dtype(image.dtype)
     image, text = image.to(acc), text.to(acc)
     scale = scale.to(acc)
     bias = None if bias is None else bias.to(acc)
-    image_all, text_all = comm.all_gather_with_grad(image), comm.all_gather_with_grad(text)
-    labels = torch.arange(image.shape[0], device=image.device) + comm.rank * image.shape[0]
+    if comm.world_size == 1:
+        image_all, text_all, labels = image, text, torch.arange(image.shape[0],
+                                                                device=image.device)
+    else:
+        if gather_with_grad:
+            image_all, text_all = comm.all_gather_with_grad(image), comm.all_gather_with_grad(text)
+        else:
+            image_all, text_all = comm.all_gather(image), comm.all_gather(text)
+            if not local_loss:
+                b = image.shape[0]
+                own = slice(comm.rank * b, (comm.rank + 1) * b)
+                image_all = torch.cat([image_all[:own.start], image, image_all[own.stop:]])
+                text_all = torch.cat([text_all[:own.start], text, text_all[own.stop:]])
+        if local_loss:
+            labels = torch.arange(image.shape[0], device=image.device) + comm.rank * image.shape[0]
+        else:
+            image, text = image_all, text_all
+            labels = torch.arange(image.shape[0], device=image.device)
     per_row = F.cross_entropy(_logits(image, text_all, scale, bias), labels,
                               label_smoothing=label_smoothing, reduction="none")
     per_col = F.cross_entropy(_logits(text, image_all, scale, bias), labels,

@@ -16,12 +16,14 @@ def _distributed(world_size: int) -> Optional[bool]:
 class ClipLoss(nn.Module):
     """open_clip.loss.ClipLoss computed without the B×B logits.
 
-    With ``world_size > 1`` (torch.distributed initialised) every rank scores its own pairs
-    against all ranks' features, which is open_clip's ``local_loss=True,
-    gather_with_grad=True``: the gradients after DDP averaging equal single-process training
-    on the global batch. ``local_loss``, ``gather_with_grad``, ``cache_labels`` and
-    ``use_horovod`` are accepted for signature compatibility; no labels or logits are cached
-    because none are built. Extra keyword-only knobs: ``label_smoothing``, ``backend``.
+    With ``world_size > 1`` (torch.distributed initialised) ``local_loss`` and
+    ``gather_with_grad`` mean what they mean in open_clip, for the returned loss and for the
+    update after DDP's averaging (see ``mmkernels.infonce_loss``), still fused: no rank builds a
+    global B×B matrix. ``local_loss=True, gather_with_grad=True`` is the combination whose
+    update equals single-process training on the global batch; open_clip's defaults (both
+    False) give the encoders 1/world_size of that gradient, in open_clip and here alike.
+    ``cache_labels`` is accepted for signature compatibility (no labels are built).
+    Extra keyword-only knobs: ``label_smoothing``, ``backend``.
     """
 
     def __init__(self, local_loss: bool = False, gather_with_grad: bool = False,
@@ -43,7 +45,8 @@ class ClipLoss(nn.Module):
                 output_dict: bool = False):
         loss = infonce_loss(image_features, text_features, logit_scale, logit_bias,
                             label_smoothing=self.label_smoothing, backend=self.backend,
-                            distributed=_distributed(self.world_size))
+                            distributed=_distributed(self.world_size),
+                            local_loss=self.local_loss, gather_with_grad=self.gather_with_grad)
         return {"contrastive_loss": loss} if output_dict else loss
 
 

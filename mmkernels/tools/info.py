@@ -52,7 +52,8 @@ def report() -> list[tuple[str, str]]:
         ("cpu features", " ".join(_cpu_flags()) or "unknown"),
         ("torch cpu capability", torch.backends.cpu.get_cpu_capability()),
         ("cuda device", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"),
-        ("C++ extension", "built" if _cpp.load() is not None else f"missing: {_cpp.error()}"),
+        ("C++ extension", "loaded" if _cpp.load() is not None else f"not loaded: {_cpp.error()}"),
+        ("C++ built against torch", _cpp.built_torch_version() or "-"),
         ("available backends", ", ".join(mmkernels.available_backends())),
     ]
     rows += [(f"  {name} unavailable", why)

@@ -31,25 +31,36 @@ class DensePrimitives:
         x = scale.double() * (i.double() @ t.double().T)
         return x if bias is None else x + bias.double()
 
-    @classmethod
-    def lse(cls, i, t, scale, bias):
-        x = cls._x(i, t, scale, bias)
-        return x.logsumexp(1), x.logsumexp(0)
+    @staticmethod
+    def _positives(x, offset):
+        """Row and column indices of the positives (i, i + offset) inside x."""
+        rows = torch.arange(x.shape[0])
+        keep = (rows + offset >= 0) & (rows + offset < x.shape[1])
+        return rows[keep], rows[keep] + offset
 
     @classmethod
-    def grad(cls, i, t, scale, bias, row_lse, col_lse, row_w, col_w):
+    def lse(cls, i, t, scale, bias, offset, keep):
         x = cls._x(i, t, scale, bias)
+        rows, cols = cls._positives(x, offset)
+        diag = torch.full((x.shape[0],), float("-inf"), dtype=x.dtype)
+        diag[rows] = x[rows, cols]
+        off = x.clone()
+        off[rows, cols] = float("-inf")
+        return off.logsumexp(1), off.logsumexp(0), diag, x if keep else x.new_empty(0)
+
+    @classmethod
+    def grad(cls, i, t, scale, bias, row_lse, col_lse, row_w, col_w, offset, tiles):
+        x = tiles if tiles.numel() else cls._x(i, t, scale, bias)
         p = row_w.double()[:, None] * (x - row_lse.double()[:, None]).exp() \
             + col_w.double()[None, :] * (x - col_lse.double()[None, :]).exp()
+        p[cls._positives(x, offset)] = 0.0
         return p @ t.double(), p.T @ i.double(), p.sum()
 
     @classmethod
     def siglip_pass(cls, i, t, scale, bias, offset, want_grad):
         x = cls._x(i, t, scale, bias)
         z = -torch.ones_like(x)
-        rows = torch.arange(x.shape[0])
-        keep = (rows + offset >= 0) & (rows + offset < x.shape[1])
-        z[rows[keep], rows[keep] + offset] = 1.0
+        z[cls._positives(x, offset)] = 1.0
         loss = torch.nn.functional.softplus(-z * x).sum()
         g = -z * torch.sigmoid(-z * x)
         return loss, g @ t.double(), g.T @ i.double(), g.sum()

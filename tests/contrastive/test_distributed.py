@@ -91,3 +91,88 @@ def test_ddp_matches_single_process(world, tmp_path):
                                    msg=f"{case}: loss")
         for p, r in zip(params, ref_params):
             torch.testing.assert_close(p, r, rtol=1e-10, atol=1e-12, msg=f"{case}: params")
+
+
+# ---------------------------------------------------------------------------------------------
+# open_clip's ClipLoss flags: mmkernels.nn.ClipLoss must give open_clip's update and returned
+# loss for all four (local_loss, gather_with_grad) combinations.
+
+FLAGS = [(False, False), (False, True), (True, False), (True, True)]
+OPTIMIZERS = {"sgd": lambda p: torch.optim.SGD(p, lr=0.5),
+              "adamw": lambda p: torch.optim.AdamW(p, lr=0.05, weight_decay=0.1)}
+
+
+def train_clip_loss(make_loss, optimizer, rank, world):
+    """Train TinyClip (DDP when world > 1) with ``make_loss()``; return the parameters and the
+    loss this rank returned at each step."""
+    torch.manual_seed(0)
+    model = TinyClip().double()
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    opt = OPTIMIZERS[optimizer](model.parameters())
+    loss_fn = make_loss()
+    b = GLOBAL_BATCH // world
+    losses = []
+    for step in range(STEPS):
+        x_image, x_text = (x[rank * b:(rank + 1) * b] for x in global_batch(step))
+        image, text, scale, bias = model(x_image, x_text)
+        loss = loss_fn(image, text, scale, bias)
+        losses.append(loss.detach())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    module = model.module if world > 1 else model
+    return [p.detach().clone() for p in module.parameters()], torch.stack(losses)
+
+
+def _open_clip_worker(rank, world, init_file, out_path):
+    import torch.distributed as dist
+
+    from mmkernels.tools.bench.peers import load_open_clip_loss
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    open_clip_loss = load_open_clip_loss()
+    results = {}
+    for local_loss, gather_with_grad in FLAGS:
+        flags = dict(local_loss=local_loss, gather_with_grad=gather_with_grad, rank=rank,
+                     world_size=world)
+        for optimizer in OPTIMIZERS:
+            results[(local_loss, gather_with_grad, optimizer, "open_clip")] = train_clip_loss(
+                lambda: open_clip_loss.ClipLoss(**flags), optimizer, rank, world)
+            for backend in BACKENDS:
+                results[(local_loss, gather_with_grad, optimizer, backend)] = train_clip_loss(
+                    lambda: mmkernels.nn.ClipLoss(**flags, backend=backend), optimizer, rank,
+                    world)
+    gathered = [None] * world
+    dist.all_gather_object(gathered, results)
+    if rank == 0:
+        torch.save(gathered, out_path)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 4])
+def test_clip_loss_flags_match_open_clip(world, tmp_path):
+    from mmkernels.tools.bench.peers import PeerUnavailable, load_open_clip_loss
+    try:
+        load_open_clip_loss()
+    except PeerUnavailable as exc:
+        pytest.skip(str(exc))
+    out_path = tmp_path / "results.pt"
+    mp.spawn(_open_clip_worker, args=(world, str(tmp_path / "init"), str(out_path)),
+             nprocs=world, join=True)
+    per_rank = torch.load(out_path)
+    for local_loss, gather_with_grad in FLAGS:
+        for optimizer in OPTIMIZERS:
+            key = (local_loss, gather_with_grad, optimizer)
+            for rank, results in enumerate(per_rank):
+                ref_params, ref_losses = results[key + ("open_clip",)]
+                for backend in BACKENDS:
+                    params, losses = results[key + (backend,)]
+                    what = f"{key} {backend} rank {rank}"
+                    torch.testing.assert_close(losses, ref_losses, rtol=1e-10, atol=1e-12,
+                                               msg=f"{what}: returned losses")
+                    for p, r in zip(params, ref_params):
+                        torch.testing.assert_close(p, r, rtol=1e-9, atol=1e-11,
+                                                   msg=f"{what}: parameters")

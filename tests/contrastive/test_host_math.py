@@ -12,17 +12,18 @@ from oracle import FP64_RTOL, assert_close, log_uniform
 @pytest.mark.parametrize("b,d", [(1, 1), (2, 7), (7, 3), (33, 16)])
 @pytest.mark.parametrize("eps", [0.0, 0.1, 1.0])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_infonce_host_math(b, d, eps, with_bias):
+@pytest.mark.parametrize("keep", [False, True], ids=["recompute", "keep-logits"])
+def test_infonce_host_math(b, d, eps, with_bias, keep):
     image = features(b, d, torch.float64, norm=None).requires_grad_()
     text = features(b, d, torch.float64, norm=None).requires_grad_()
     scale = torch.tensor(log_uniform(1, 100), dtype=torch.float64, requires_grad=True)
     bias = torch.randn((), dtype=torch.float64, requires_grad=True) if with_bias else None
     weights = torch.rand(b, dtype=torch.float64) + 0.5
 
-    loss, row_lse, col_lse = infonce._forward(DensePrimitives, LOCAL, image, text, scale, bias,
-                                              eps)
+    loss, row_lse, col_lse, excess, tiles = infonce._forward(
+        DensePrimitives, LOCAL, image, text, scale, bias, eps, keep)
     grads = infonce._backward(DensePrimitives, LOCAL, weights, image, text, scale, bias,
-                              row_lse, col_lse, eps)
+                              row_lse, col_lse, excess, eps, tiles)
 
     inputs = [image, text, scale] + ([bias] if with_bias else [])
     ref = reference.infonce_loss(image, text, scale, bias, eps)
