@@ -1,6 +1,10 @@
 // InfoNCE on CPU: the forward computes row and column log-sum-exp of X = s I T^T + b in one
-// sweep over tiles; the backward recomputes each tile once and feeds both gradient GEMMs.
-// Neither ever holds more than a few bm x bn tiles of X (see tiles.h for the tiling).
+// sweep over tiles, leaving the positive pairs out (the host adds their terms without
+// cancellation); the backward turns each tile into softmax weights and feeds both gradient
+// GEMMs. The tiles are either recomputed in the backward (8 M N D FLOPs in all, never more
+// than a few bm x bn tiles of X held) or, when the caller asks the forward to keep them,
+// written straight into an M x N buffer by the forward and only read by the backward
+// (6 M N D FLOPs). See tiles.h for the tiling.
 //
 // Registers mmkernels::infonce_lse and mmkernels::infonce_grad (CPU kernels; fake tensor
 // implementations in mmkernels/contrastive/cpu.py).
@@ -19,29 +23,65 @@ namespace contrastive {
 namespace {
 
 // ---------------------------------------------------------------------------------------
-// Forward: online log-sum-exp along both axes
+// Forward: online log-sum-exp along both axes, positives left out
 // ---------------------------------------------------------------------------------------
 
-// Folds one tile S (bm x bn, raw dot products; overwritten with X) into running row state
-// (rmax/rsum, this chunk's view of the row block) and column state (cmax/csum, owned by the
-// chunk). tmax/tsum are bn-long scratch. A running state (m, l) represents sum exp(x) =
-// l * e^m; a new maximum m' rescales l by e^(m - m'). Two passes over the tile: the first
-// finds the tile's row and column maxima so that the second can evaluate each exponential
-// only once per axis, already relative to the final offset.
+// Pass 1 over a run of a tile row: raw dot products x -> X = s x + b in place; returns the
+// run's maximum merged into m and merges it into the column maxima tmax.
 template <typename T>
-MMK_INLINE void lse_tile_impl(T* S, int64_t bm, int64_t bn, T s, T b, T* rmax, T* rsum, T* cmax,
+MMK_INLINE T scale_max_run(T* x, T* tmax, int64_t n, T s, T b, T m) {
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < n; ++j) {
+    const T v = s * x[j] + b;
+    x[j] = v;
+    m = max_of(m, v);
+    tmax[j] = max_of(tmax[j], v);
+  }
+  return m;
+}
+
+// Pass 2 over a run of a tile row: sum of e^(X - off) along the row (returned) and
+// e^(X - tmax) added to the column sums tsum.
+template <typename T>
+MMK_INLINE T exp_sum_run(const T* x, const T* tmax, T* tsum, int64_t n, T off) {
+  T acc = 0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t j = 0; j < n; ++j) {
+    acc += fast_exp(x[j] - off);
+    tsum[j] += fast_exp(x[j] - tmax[j]);
+  }
+  return acc;
+}
+
+// Folds one tile S (bm x bn raw dot products, leading dimension ld; overwritten with X) into
+// running row state (rmax/rsum, this chunk's view of the row block) and column state
+// (cmax/csum, owned by the chunk), leaving out the positives: tile row i has its positive in
+// tile column diag0 + i when has_pos and that is in [0, bn); its X goes to diag[dg + i]
+// instead of the sums. tmax/tsum are bn-long scratch. A running state (m, l) represents
+// sum exp(x) = l * e^m; a new maximum m' rescales l by e^(m - m'). Two passes over the tile:
+// the first finds the tile's row and column maxima so that the second can evaluate each
+// exponential only once per axis, already relative to the final offset.
+template <typename T>
+MMK_INLINE void lse_tile_impl(T* S, int64_t ld, int64_t bm, int64_t bn, T s, T b, bool has_pos,
+                              int64_t diag0, T* diag, int64_t dg, T* rmax, T* rsum, T* cmax,
                               T* csum, T* tmax, T* tsum) {
   const T ninf = neg_inf<T>();
   for (int64_t j = 0; j < bn; ++j) tmax[j] = ninf;
   for (int64_t i = 0; i < bm; ++i) {
-    T* x = S + i * bn;
+    T* x = S + i * ld;
+    const int64_t d = diag0 + i;
     T m = ninf;
-#pragma omp simd reduction(max : m)
-    for (int64_t j = 0; j < bn; ++j) {
-      const T v = s * x[j] + b;
-      x[j] = v;
-      m = max_of(m, v);
-      tmax[j] = max_of(tmax[j], v);
+    const Runs r = runs_except(bn, has_pos, d);
+    for (int k = 0; k < r.n; ++k) {
+      const int64_t j0 = r.begin[k];
+      m = scale_max_run(x + j0, tmax + j0, r.end[k] - j0, s, b, m);
+    }
+    if (has_pos && d >= 0 && d < bn) {
+      // The same expression as in the vector loop (no FMA contraction: -std=c++17 implies
+      // -ffp-contract=off), so a kept tile holds exactly this value.
+      const T v = s * x[d] + b;
+      x[d] = v;
+      diag[dg + i] = v;
     }
     const T m_new = max_of(rmax[i], m);
     // A row that is -inf everywhere so far has nothing to rescale (and -inf - -inf is NaN).
@@ -59,13 +99,13 @@ MMK_INLINE void lse_tile_impl(T* S, int64_t bm, int64_t bn, T s, T b, T* rmax, T
     tsum[j] = T(0);
   }
   for (int64_t i = 0; i < bm; ++i) {
-    const T* x = S + i * bn;
+    const T* x = S + i * ld;
     const T off = rmax[i] == ninf ? T(0) : rmax[i];
     T acc = 0;
-#pragma omp simd reduction(+ : acc)
-    for (int64_t j = 0; j < bn; ++j) {
-      acc += fast_exp(x[j] - off);
-      tsum[j] += fast_exp(x[j] - tmax[j]);
+    const Runs r = runs_except(bn, has_pos, diag0 + i);
+    for (int k = 0; k < r.n; ++k) {
+      const int64_t j0 = r.begin[k];
+      acc += exp_sum_run(x + j0, tmax + j0, tsum + j0, r.end[k] - j0, off);
     }
     rsum[i] += acc;
   }
@@ -74,23 +114,34 @@ MMK_INLINE void lse_tile_impl(T* S, int64_t bm, int64_t bn, T s, T b, T* rmax, T
   for (int64_t j = 0; j < bn; ++j) csum[j] += tsum[j];
 }
 
-MMK_MULTIVERSION void lse_tile(float* S, int64_t bm, int64_t bn, float s, float b, float* rmax,
+MMK_MULTIVERSION void lse_tile(float* S, int64_t ld, int64_t bm, int64_t bn, float s, float b,
+                               bool has_pos, int64_t diag0, float* diag, int64_t dg, float* rmax,
                                float* rsum, float* cmax, float* csum, float* tmax, float* tsum) {
-  lse_tile_impl<float>(S, bm, bn, s, b, rmax, rsum, cmax, csum, tmax, tsum);
+  lse_tile_impl<float>(S, ld, bm, bn, s, b, has_pos, diag0, diag, dg, rmax, rsum, cmax, csum,
+                       tmax, tsum);
 }
 
-void lse_tile(double* S, int64_t bm, int64_t bn, double s, double b, double* rmax, double* rsum,
-              double* cmax, double* csum, double* tmax, double* tsum) {
-  lse_tile_impl<double>(S, bm, bn, s, b, rmax, rsum, cmax, csum, tmax, tsum);
+void lse_tile(double* S, int64_t ld, int64_t bm, int64_t bn, double s, double b, bool has_pos,
+              int64_t diag0, double* diag, int64_t dg, double* rmax, double* rsum, double* cmax,
+              double* csum, double* tmax, double* tsum) {
+  lse_tile_impl<double>(S, ld, bm, bn, s, b, has_pos, diag0, diag, dg, rmax, rsum, cmax, csum,
+                        tmax, tsum);
 }
 
+// One sweep over the tiles of the kernel frame (rows of A against rows of B). Writes the
+// off-positive row and column LSE (kernel frame) and the positives' logits into diag (caller
+// frame: indexed by image row, i.e. by kernel column when the sides are swapped; entries
+// without a positive are left alone). With X defined ((rows x cols) contiguous) the tiles are
+// computed straight into X and left there as the logits; else into per-chunk scratch.
 template <typename T>
 void lse_pass(const TilePlan& plan, const at::Tensor& A, const at::Tensor& B, T s, T b,
-              T* row_lse, T* col_lse) {
+              const Positives& pos, bool swap, const at::Tensor& X, T* row_lse, T* col_lse,
+              T* diag) {
   const T ninf = neg_inf<T>();
-  // Per-chunk workspace: the tile, then row max and row sum (bm each), then the column
-  // scratch of lse_tile (bn each).
-  const int64_t tile_len = plan.bm * plan.bn;
+  const bool kept = X.defined();
+  // Per-chunk workspace: the tile (unless kept), then row max and row sum (bm each), then
+  // the column scratch of lse_tile (bn each).
+  const int64_t tile_len = kept ? 0 : plan.bm * plan.bn;
   const int64_t ws_len = tile_len + 2 * plan.bm + 2 * plan.bn;
   const at::Tensor ws = at::empty({plan.chunks, ws_len}, A.options());
   T* const ws0 = ws.data_ptr<T>();
@@ -105,6 +156,9 @@ void lse_pass(const TilePlan& plan, const at::Tensor& A, const at::Tensor& B, T 
   for (int64_t r0 = 0; r0 < plan.rows; r0 += plan.bm) {
     const int64_t bm = plan.row_len(r0);
     const at::Tensor A_blk = A.narrow(0, r0, bm);
+    // diag[dg + i] receives the positive of tile row i: indexed by the kernel row, or by the
+    // kernel column (row + off) when swapped.
+    const int64_t dg = swap ? r0 + pos.off : r0;
     parallel_chunks(plan, [&](int64_t t) {
       T* const rmax = row_max(t);
       T* const rsum = row_sum(t);
@@ -115,9 +169,20 @@ void lse_pass(const TilePlan& plan, const at::Tensor& A, const at::Tensor& B, T 
       for (int64_t cb = plan.first_block(t); cb < plan.first_block(t + 1); ++cb) {
         const int64_t c0 = cb * plan.bn;
         const int64_t bn = plan.col_len(c0);
-        const at::Tensor S = tile_logits(ws[t], A_blk, B, c0, bn);
-        lse_tile(S.data_ptr<T>(), bm, bn, s, b, rmax, rsum, cmax.data() + c0, csum.data() + c0,
-                 tmax, tsum);
+        T* S;
+        int64_t ld;
+        if (kept) {
+          // BLAS writes a strided (leading dimension cols) block of X directly.
+          at::Tensor out = X.narrow(0, r0, bm).narrow(1, c0, bn);
+          at::mm_out(out, A_blk, B.narrow(0, c0, bn).t());
+          S = X.data_ptr<T>() + r0 * plan.cols + c0;
+          ld = plan.cols;
+        } else {
+          S = tile_logits(ws[t], A_blk, B, c0, bn).data_ptr<T>();
+          ld = bn;
+        }
+        lse_tile(S, ld, bm, bn, s, b, pos.any, pos.diag0(r0, c0), diag, dg, rmax, rsum,
+                 cmax.data() + c0, csum.data() + c0, tmax, tsum);
       }
     });
     // Merge the chunks' partial row states: lse = m + log(sum_t l_t e^(m_t - m)).
@@ -127,80 +192,112 @@ void lse_pass(const TilePlan& plan, const at::Tensor& A, const at::Tensor& B, T 
           [&](int64_t t) { return row_sum(t)[i]; });
     }
   }
+  // An all -inf column (only its positive, or nothing) gives -inf + log 0 = -inf.
   for (int64_t j = 0; j < plan.cols; ++j) col_lse[j] = cmax[j] + std::log(csum[j]);
 }
 
 // ---------------------------------------------------------------------------------------
-// Backward: P = rw e^(X - row_lse) + cw e^(X - col_lse), then P T and P^T I
+// Backward: P = rw e^(X - row_lse) + cw e^(X - col_lse) off the positives, then P B, P^T A
 // ---------------------------------------------------------------------------------------
 
-// Overwrites S (bm x bn raw dot products) with P; returns the tile's sum of P. rw/rlse are
-// the tile's rows, cw/clse its columns.
+// A run of one tile row: w = P from x (X = s x + b), returns the run's sum of P.
 template <typename T>
-MMK_INLINE double p_tile_impl(T* S, int64_t bm, int64_t bn, T s, T b, const T* rw, const T* rlse,
+MMK_INLINE T p_run(const T* x, T* w, int64_t n, T s, T b, T a, T ro, const T* cw,
+                   const T* clse) {
+  T acc = 0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t j = 0; j < n; ++j) {
+    const T v = s * x[j] + b;
+    const T p = a * fast_exp(v - ro) + cw[j] * fast_exp(v - clse[j]);
+    w[j] = p;
+    acc += p;
+  }
+  return acc;
+}
+
+// Writes the tile of P (bm x bn, leading dimension bn) into W from the tile's logits x
+// (leading dimension ld; raw dot products with s, b, or the kept X with s = 1, b = 0; x may
+// be W itself) and returns the tile's sum of P. P is 0 at the positives (tile column
+// diag0 + i of row i), which are left out of the sum. rw/rlse are the tile's rows, cw/clse
+// its columns.
+template <typename T>
+MMK_INLINE double p_tile_impl(const T* x, int64_t ld, T* W, int64_t bm, int64_t bn, T s, T b,
+                              bool has_pos, int64_t diag0, const T* rw, const T* rlse,
                               const T* cw, const T* clse) {
   double total = 0;
   for (int64_t i = 0; i < bm; ++i) {
-    T* x = S + i * bn;
-    const T a = rw[i];
-    const T ro = rlse[i];
+    const T* xi = x + i * ld;
+    T* wi = W + i * bn;
+    const int64_t d = diag0 + i;
     T acc = 0;
-#pragma omp simd reduction(+ : acc)
-    for (int64_t j = 0; j < bn; ++j) {
-      const T v = s * x[j] + b;
-      const T p = a * fast_exp(v - ro) + cw[j] * fast_exp(v - clse[j]);
-      x[j] = p;
-      acc += p;
+    const Runs r = runs_except(bn, has_pos, d);
+    for (int k = 0; k < r.n; ++k) {
+      const int64_t j0 = r.begin[k];
+      acc += p_run(xi + j0, wi + j0, r.end[k] - j0, s, b, rw[i], rlse[i], cw + j0, clse + j0);
     }
+    if (has_pos && d >= 0 && d < bn) wi[d] = T(0);
     total += acc;
   }
   return total;
 }
 
-MMK_MULTIVERSION double p_tile(float* S, int64_t bm, int64_t bn, float s, float b, const float* rw,
+MMK_MULTIVERSION double p_tile(const float* x, int64_t ld, float* W, int64_t bm, int64_t bn,
+                               float s, float b, bool has_pos, int64_t diag0, const float* rw,
                                const float* rlse, const float* cw, const float* clse) {
-  return p_tile_impl<float>(S, bm, bn, s, b, rw, rlse, cw, clse);
+  return p_tile_impl<float>(x, ld, W, bm, bn, s, b, has_pos, diag0, rw, rlse, cw, clse);
 }
 
-double p_tile(double* S, int64_t bm, int64_t bn, double s, double b, const double* rw,
-              const double* rlse, const double* cw, const double* clse) {
-  return p_tile_impl<double>(S, bm, bn, s, b, rw, rlse, cw, clse);
+double p_tile(const double* x, int64_t ld, double* W, int64_t bm, int64_t bn, double s, double b,
+              bool has_pos, int64_t diag0, const double* rw, const double* rlse, const double* cw,
+              const double* clse) {
+  return p_tile_impl<double>(x, ld, W, bm, bn, s, b, has_pos, diag0, rw, rlse, cw, clse);
 }
 
 // ---------------------------------------------------------------------------------------
 // Entry points
 // ---------------------------------------------------------------------------------------
 
-std::tuple<at::Tensor, at::Tensor> infonce_lse(const at::Tensor& I, const at::Tensor& T,
-                                               const at::Tensor& scale,
-                                               const std::optional<at::Tensor>& bias) {
+// The kept logits X (M x N) of a call with swapped sides are stored as X^T (N x M
+// contiguous, the kernel frame) and returned as its transposed view; the fake in cpu.py
+// gives the same strides.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> infonce_lse(
+    const at::Tensor& I, const at::Tensor& T, const at::Tensor& scale,
+    const std::optional<at::Tensor>& bias, int64_t offset, bool keep) {
   const Features f = prepare_features(I, T, scale, bias, "infonce_lse");
   const int64_t M = f.I.size(0), N = f.T.size(0);
-  at::Tensor row_lse = at::empty({M}, f.I.options());
-  at::Tensor col_lse = at::empty({N}, f.I.options());
-  if (M == 0 || N == 0) {
-    // log of an empty sum.
-    row_lse.fill_(-std::numeric_limits<double>::infinity());
-    col_lse.fill_(-std::numeric_limits<double>::infinity());
-    return {row_lse, col_lse};
-  }
+  const double ninf = -std::numeric_limits<double>::infinity();
+  // log of an empty sum, and "no positive", until the pass says otherwise.
+  at::Tensor row_lse = at::full({M}, ninf, f.I.options());
+  at::Tensor col_lse = at::full({N}, ninf, f.I.options());
+  at::Tensor diag = at::full({M}, ninf, f.I.options());
   const bool swap = swap_sides(M, N);
+  at::Tensor X_kernel;  // the kept logits in the kernel frame, (rows x cols) contiguous
+  at::Tensor tiles;
+  if (keep) {
+    X_kernel = swap ? at::empty({N, M}, f.I.options()) : at::empty({M, N}, f.I.options());
+    tiles = swap ? X_kernel.t() : X_kernel;
+  } else {
+    tiles = at::empty({0}, f.I.options());
+  }
+  if (M == 0 || N == 0) return {row_lse, col_lse, diag, tiles};
   const at::Tensor& A = swap ? f.T : f.I;
   const at::Tensor& B = swap ? f.I : f.T;
   at::Tensor& lse_A = swap ? col_lse : row_lse;
   at::Tensor& lse_B = swap ? row_lse : col_lse;
   const TilePlan plan(A.size(0), B.size(0));
+  const Positives pos(offset, M, N, swap);
   AT_DISPATCH_FLOATING_TYPES(f.dtype, "infonce_lse", [&] {
     lse_pass<scalar_t>(plan, A, B, static_cast<scalar_t>(f.scale), static_cast<scalar_t>(f.bias),
-                       lse_A.data_ptr<scalar_t>(), lse_B.data_ptr<scalar_t>());
+                       pos, swap, X_kernel, lse_A.data_ptr<scalar_t>(),
+                       lse_B.data_ptr<scalar_t>(), diag.data_ptr<scalar_t>());
   });
-  return {row_lse, col_lse};
+  return {row_lse, col_lse, diag, tiles};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_grad(
     const at::Tensor& I, const at::Tensor& T, const at::Tensor& scale,
     const std::optional<at::Tensor>& bias, const at::Tensor& row_lse, const at::Tensor& col_lse,
-    const at::Tensor& row_w, const at::Tensor& col_w) {
+    const at::Tensor& row_w, const at::Tensor& col_w, int64_t offset, const at::Tensor& tiles) {
   const char* fn = "infonce_grad";
   const Features f = prepare_features(I, T, scale, bias, fn);
   const int64_t M = f.I.size(0), N = f.T.size(0);
@@ -208,6 +305,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_grad(
   const at::Tensor clse = vector_arg(col_lse, N, f.dtype, fn, "col_lse");
   const at::Tensor rw = vector_arg(row_w, M, f.dtype, fn, "row_w");
   const at::Tensor cw = vector_arg(col_w, N, f.dtype, fn, "col_w");
+  TORCH_CHECK(tiles.defined(), fn, ": tiles must be a tensor (empty to recompute the logits)");
+  TORCH_CHECK(tiles.device().is_cpu(), fn, ": tiles must be a CPU tensor, got ", tiles.device());
+  const bool kept = !(tiles.dim() == 1 && tiles.size(0) == 0);
+  if (kept) {
+    TORCH_CHECK(tiles.dim() == 2 && tiles.size(0) == M && tiles.size(1) == N, fn,
+                ": tiles must be empty (shape (0,)) or the logits of shape (", M, ", ", N,
+                "), got ", tiles.sizes());
+    TORCH_CHECK(tiles.scalar_type() == f.dtype, fn, ": tiles must have the compute dtype ",
+                f.dtype, ", got ", tiles.scalar_type());
+  }
   at::Tensor A_I = at::zeros_like(f.I);
   at::Tensor A_T = at::zeros_like(f.T);
   double psum = 0;
@@ -219,19 +326,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_grad(
     const at::Tensor& lse_B = swap ? rlse : clse;
     const at::Tensor& w_A = swap ? cw : rw;
     const at::Tensor& w_B = swap ? rw : cw;
+    // The kept logits in the kernel frame: what infonce_lse returned is already laid out so
+    // (no copy); any other layout is copied. Only read: the tensor may be reused.
+    const at::Tensor X =
+        kept ? (swap ? tiles.detach().t() : tiles.detach()).contiguous() : at::Tensor();
     const TilePlan plan(A.size(0), B.size(0));
+    const Positives pos(offset, M, N, swap);
     std::vector<double> chunk_psum(plan.chunks, 0.0);
     AT_DISPATCH_FLOATING_TYPES(f.dtype, "infonce_grad", [&] {
-      const scalar_t s = static_cast<scalar_t>(f.scale);
-      const scalar_t b = static_cast<scalar_t>(f.bias);
+      // Kept tiles already hold X: s = 1, b = 0 leave them unchanged.
+      const scalar_t s = kept ? scalar_t(1) : static_cast<scalar_t>(f.scale);
+      const scalar_t b = kept ? scalar_t(0) : static_cast<scalar_t>(f.bias);
       const scalar_t* la = lse_A.data_ptr<scalar_t>();
       const scalar_t* lb = lse_B.data_ptr<scalar_t>();
       const scalar_t* wa = w_A.data_ptr<scalar_t>();
       const scalar_t* wb = w_B.data_ptr<scalar_t>();
       weighted_pass<scalar_t>(
-          plan, A, B, swap ? A_T : A_I, swap ? A_I : A_T,
-          [&](scalar_t* S, int64_t r0, int64_t bm, int64_t c0, int64_t bn, int64_t t) {
-            chunk_psum[t] += p_tile(S, bm, bn, s, b, wa + r0, la + r0, wb + c0, lb + c0);
+          plan, A, B, X, swap ? A_T : A_I, swap ? A_I : A_T,
+          [&](const scalar_t* x, int64_t ld, scalar_t* W, int64_t r0, int64_t bm, int64_t c0,
+              int64_t bn, int64_t t) {
+            chunk_psum[t] += p_tile(x, ld, W, bm, bn, s, b, pos.any, pos.diag0(r0, c0),
+                                    wa + r0, la + r0, wb + c0, lb + c0);
           });
     });
     for (const double p : chunk_psum) psum += p;
@@ -252,22 +367,33 @@ TORCH_LIBRARY_FRAGMENT(mmkernels, m) {
   // Fake (meta) implementations are registered from Python, in this module.
   m.set_python_module("mmkernels.contrastive.cpu");
 
-  // Row and column log-sum-exp of X = scale * image @ text.T + bias in one pass.
+  // Row and column log-sum-exp of X = scale * image @ text.T + bias in one pass, the
+  // positive pairs (i, i + offset) left out.
   //
-  // image: (M, D), text: (N, D); scale, bias: one-element tensors (bias may be None).
-  // Returns (row_lse (M,), col_lse (N,)): row_lse[i] = log sum_j exp(X[i, j]),
-  // col_lse[j] = log sum_i exp(X[i, j]). float64 inputs give float64 outputs; float32,
-  // float16 and bfloat16 inputs are computed and returned in float32.
-  m.def("infonce_lse(Tensor image, Tensor text, Tensor scale, Tensor? bias) -> (Tensor, Tensor)");
+  // image: (M, D), text: (N, D); scale, bias: one-element tensors (bias may be None); offset:
+  // any integer (positives outside the matrix are simply absent). Returns
+  //   row_lse_off (M,): log sum_{j != i + offset} exp(X[i, j])  (-inf when nothing is left),
+  //   col_lse_off (N,): log sum_{i : i + offset != j} exp(X[i, j]),
+  //   diag (M,): X[i, i + offset] exactly as the pass computed it (-inf where absent),
+  //   tiles: with keep, the logits X (M, N) for infonce_grad (a transposed view of an
+  //          (N, M) contiguous buffer when M > N), else an empty (0,) tensor.
+  // float64 inputs give float64 outputs; float32, float16 and bfloat16 inputs are computed
+  // and returned in float32.
+  m.def(
+      "infonce_lse(Tensor image, Tensor text, Tensor scale, Tensor? bias, int offset, "
+      "bool keep) -> (Tensor, Tensor, Tensor, Tensor)");
 
-  // Softmax-gradient accumulation for InfoNCE, recomputing X tile by tile.
+  // Softmax-gradient accumulation for InfoNCE, off the positives.
   //
   // With P[i, j] = row_w[i] * exp(X[i, j] - row_lse[i]) + col_w[j] * exp(X[i, j] - col_lse[j])
-  // returns (A_I = P @ text (M, D), A_T = P.T @ image (N, D), psum = P.sum() (0-dim)), in the
-  // compute dtype of infonce_lse.
+  // for j != i + offset and P[i, i + offset] = 0, returns (A_I = P @ text (M, D),
+  // A_T = P.T @ image (N, D), psum = P.sum() (0-dim)), in the compute dtype of infonce_lse.
+  // row_lse/col_lse are the full LSEs. tiles: the logits kept by infonce_lse(keep=True)
+  // ((M, N), compute dtype; read, never modified), or an empty (0,) tensor to recompute them.
   m.def(
       "infonce_grad(Tensor image, Tensor text, Tensor scale, Tensor? bias, Tensor row_lse, "
-      "Tensor col_lse, Tensor row_w, Tensor col_w) -> (Tensor, Tensor, Tensor)");
+      "Tensor col_lse, Tensor row_w, Tensor col_w, int offset, Tensor tiles) -> "
+      "(Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(mmkernels, CPU, m) {

@@ -112,25 +112,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_pass(
   at::Tensor A_T = want_grad ? at::zeros_like(f.T) : at::empty({0}, f.I.options());
   double loss = 0, gsum = 0;
   if (M > 0 && N > 0) {
-    // Positives sit at column = row + offset; when the sides are swapped that reads
-    // row = column - offset.
     const bool swap = swap_sides(M, N);
     const at::Tensor& A = swap ? f.T : f.I;
     const at::Tensor& B = swap ? f.I : f.T;
     const TilePlan plan(A.size(0), B.size(0));
-    // Offsets outside (-M, N) put every positive outside the matrix; checking that once
-    // also keeps row + offset from overflowing for extreme offsets.
-    const bool has_pos = diag_offset > -M && diag_offset < N;
-    const int64_t off = has_pos ? (swap ? -diag_offset : diag_offset) : 0;
+    const Positives pos(diag_offset, M, N, swap);
     std::vector<double> chunk_loss(plan.chunks, 0.0), chunk_gsum(plan.chunks, 0.0);
     AT_DISPATCH_FLOATING_TYPES(f.dtype, "siglip_pass", [&] {
       const scalar_t s = static_cast<scalar_t>(f.scale);
       const scalar_t b = static_cast<scalar_t>(f.bias);
+      // Tiles are always recomputed here (no kept X): src is the chunk's tile buffer W, which
+      // siglip_tile overwrites in place.
       weighted_pass<scalar_t>(
-          plan, A, B, want_grad ? (swap ? A_T : A_I) : at::Tensor(),
+          plan, A, B, at::Tensor(), want_grad ? (swap ? A_T : A_I) : at::Tensor(),
           want_grad ? (swap ? A_I : A_T) : at::Tensor(),
-          [&](scalar_t* S, int64_t r0, int64_t bm, int64_t c0, int64_t bn, int64_t t) {
-            siglip_tile(S, bm, bn, s, b, has_pos, r0 + off - c0, want_grad, chunk_loss[t],
+          [&](const scalar_t*, int64_t, scalar_t* S, int64_t r0, int64_t bm, int64_t c0,
+              int64_t bn, int64_t t) {
+            siglip_tile(S, bm, bn, s, b, pos.any, pos.diag0(r0, c0), want_grad, chunk_loss[t],
                         chunk_gsum[t]);
           });
     });

@@ -93,21 +93,29 @@ inline at::Tensor tile_logits(const at::Tensor& buf, const at::Tensor& A_blk, co
 }
 
 // The skeleton shared by the gradient passes (InfoNCE backward, SigLIP). For each tile,
-// S = A_blk B_blk^T is computed once and weight_tile(S, r0, bm, c0, bn, chunk) overwrites it
-// in place with the matching tile of a weight matrix W (from S, its own row/column data, and
-// whatever per-chunk scalars it accumulates). If gA is defined the same W tile then feeds
-// both products: the block's rows of gA = W B (summed per chunk in a private bm x D buffer,
-// the chunks merged after the parallel region) and gB += W^T A (rows c0..c0+bn, owned by
-// this chunk, so updated in place). gB must start zeroed; gA is overwritten. Without gA
-// only weight_tile runs.
+// weight_tile(src, ld, W, r0, bm, c0, bn, chunk) writes the matching tile of a weight matrix
+// W (bm x bn, leading dimension bn, in a per-chunk buffer) from the tile's logits `src`
+// (leading dimension ld), its own row/column data, and whatever per-chunk scalars it
+// accumulates. The logits come from one of two places:
+//   - recomputed (X undefined): S = A_blk B_blk^T is written into the chunk's buffer, so src
+//     holds the raw dot products, src == W and ld == bn (W may overwrite S in place);
+//   - kept (X defined, (rows x cols) contiguous, the forward's X = s A B^T + b): src points
+//     into X, ld == cols. X is only read (it may be saved for another backward).
+// If gA is defined the same W tile then feeds both products: the block's rows of gA = W B
+// (summed per chunk in a private bm x D buffer, the chunks merged after the parallel region)
+// and gB += W^T A (rows c0..c0+bn, owned by this chunk, so updated in place). gB must start
+// zeroed; gA is overwritten. Without gA only weight_tile runs.
 template <typename scalar_t, typename WeightTile>
 void weighted_pass(const TilePlan& plan, const at::Tensor& A, const at::Tensor& B,
-                   const at::Tensor& gA, const at::Tensor& gB, const WeightTile& weight_tile) {
+                   const at::Tensor& X, const at::Tensor& gA, const at::Tensor& gB,
+                   const WeightTile& weight_tile) {
   const bool accumulate = gA.defined();
+  const bool kept = X.defined();
   const int64_t D = A.size(1);
   const at::Tensor tiles = at::empty({plan.chunks, plan.bm * plan.bn}, A.options());
   const at::Tensor parts =
       accumulate ? at::empty({plan.chunks, plan.bm, D}, A.options()) : at::Tensor();
+  const scalar_t* const x0 = kept ? X.data_ptr<scalar_t>() : nullptr;
   for (int64_t r0 = 0; r0 < plan.rows; r0 += plan.bm) {
     const int64_t bm = plan.row_len(r0);
     const at::Tensor A_blk = A.narrow(0, r0, bm);
@@ -116,8 +124,14 @@ void weighted_pass(const TilePlan& plan, const at::Tensor& A, const at::Tensor& 
       for (int64_t cb = plan.first_block(t); cb < plan.first_block(t + 1); ++cb) {
         const int64_t c0 = cb * plan.bn;
         const int64_t bn = plan.col_len(c0);
-        const at::Tensor W = tile_logits(tiles[t], A_blk, B, c0, bn);
-        weight_tile(W.data_ptr<scalar_t>(), r0, bm, c0, bn, t);
+        const at::Tensor W = kept ? tiles[t].narrow(0, 0, bm * bn).view({bm, bn})
+                                  : tile_logits(tiles[t], A_blk, B, c0, bn);
+        scalar_t* const w = W.data_ptr<scalar_t>();
+        if (kept) {
+          weight_tile(x0 + r0 * plan.cols + c0, plan.cols, w, r0, bm, c0, bn, t);
+        } else {
+          weight_tile(static_cast<const scalar_t*>(w), bn, w, r0, bm, c0, bn, t);
+        }
         if (!accumulate) continue;
         const at::Tensor B_blk = B.narrow(0, c0, bn);
         // The first tile of the chunk overwrites the partial (beta = 0), so it needs no zeroing.
@@ -136,6 +150,36 @@ void weighted_pass(const TilePlan& plan, const at::Tensor& A, const at::Tensor& 
       for (int64_t t = 1; t < plan.chunks; ++t) dst.add_(parts[t].narrow(0, 0, bm));
     }
   }
+}
+
+// Where the positive pairs (i, i + offset) of a call fall in its tiles. `offset` is in the
+// caller's frame (image rows, text columns); with swapped sides the kernel's rows are text
+// rows and a positive sits at column = row - offset. Offsets outside (-M, N) leave no positive
+// in the matrix; checking that once also keeps row + offset from overflowing.
+struct Positives {
+  bool any;
+  int64_t off;  // kernel frame: the positive of kernel row r is kernel column r + off
+
+  Positives(int64_t offset, int64_t M, int64_t N, bool swap)
+      : any(offset > -M && offset < N), off(any ? (swap ? -offset : offset) : 0) {}
+
+  // Tile column of the positive of tile row 0 of the tile at (r0, c0); tile row i has its
+  // positive in tile column diag0 + i when that is in [0, bn).
+  int64_t diag0(int64_t r0, int64_t c0) const { return r0 + off - c0; }
+};
+
+// The columns [0, bn) of a tile row without column d (the row's positive) when has_pos and
+// 0 <= d < bn: at most two runs [begin[k], end[k]), so that the vector loops over them carry
+// no label test. (Plain data rather than a callback: the loops are inlined into the
+// target_clones copies of their callers, which a lambda is not guaranteed to be.)
+struct Runs {
+  int n;
+  int64_t begin[2], end[2];
+};
+
+MMK_INLINE Runs runs_except(int64_t bn, bool has_pos, int64_t d) {
+  if (has_pos && d >= 0 && d < bn) return Runs{2, {0, d + 1}, {d, bn}};
+  return Runs{1, {0, 0}, {bn, 0}};
 }
 
 // ---------------------------------------------------------------------------------------

@@ -3,10 +3,19 @@
 ``mmkernels._C`` registers three CPU kernels in the ``mmkernels`` namespace (schemas in
 ``csrc/contrastive/infonce.cpp`` and ``siglip.cpp``):
 
-  infonce_lse(image, text, scale, bias?)                          -> row_lse (M,), col_lse (N,)
-  infonce_grad(image, text, scale, bias?, row_lse, col_lse, row_w, col_w)
-                                                                  -> A_I (M, D), A_T (N, D), psum ()
-  siglip_pass(image, text, scale, bias?, diag_offset, want_grad) -> loss_sum (), A_I, A_T, gsum ()
+  infonce_lse(image, text, scale, bias?, offset, keep)
+      -> row_lse_off (M,), col_lse_off (N,), diag (M,), tiles ((M, N) with keep, else (0,))
+  infonce_grad(image, text, scale, bias?, row_lse, col_lse, row_w, col_w, offset, tiles)
+      -> A_I (M, D), A_T (N, D), psum ()
+  siglip_pass(image, text, scale, bias?, diag_offset, want_grad)
+      -> loss_sum (), A_I, A_T, gsum ()
+
+The positive pairs are (i, i + offset) (any integer; positives outside the matrix are absent).
+``infonce_lse`` leaves them out of its log-sum-exps and reports their logits; ``infonce_grad``
+gives them zero weight. The tiles kept by ``infonce_lse(keep=True)`` are only read by
+``infonce_grad``, never modified, so a graph kept with ``retain_graph=True`` may run its
+backward again. When M > N the kernels work on the transposed problem, and the kept logits
+are the transposed view of an (N, M) contiguous buffer (the fake gives the same strides).
 
 This module registers their fake (meta) implementations, so that torch.compile and
 torch.library.opcheck can trace them (the C++ side names this module with
@@ -41,14 +50,25 @@ def _check_features(image, text):
     return _compute_dtype(image)
 
 
-def _infonce_lse_fake(image, text, scale, bias):
+def _infonce_lse_fake(image, text, scale, bias, offset, keep):
     dtype = _check_features(image, text)
-    return (image.new_empty((image.shape[0],), dtype=dtype),
-            image.new_empty((text.shape[0],), dtype=dtype))
+    m, n = image.shape[0], text.shape[0]
+    if not keep:
+        tiles = image.new_empty((0,), dtype=dtype)
+    elif m > n:  # swap_sides (csrc/contrastive/tiles.h): X is stored transposed
+        tiles = image.new_empty((n, m), dtype=dtype).t()
+    else:
+        tiles = image.new_empty((m, n), dtype=dtype)
+    return (image.new_empty((m,), dtype=dtype), image.new_empty((n,), dtype=dtype),
+            image.new_empty((m,), dtype=dtype), tiles)
 
 
-def _infonce_grad_fake(image, text, scale, bias, row_lse, col_lse, row_w, col_w):
+def _infonce_grad_fake(image, text, scale, bias, row_lse, col_lse, row_w, col_w, offset, tiles):
     dtype = _check_features(image, text)
+    torch._check(tiles.numel() == 0 and tiles.dim() == 1
+                 or tuple(tiles.shape) == (image.shape[0], text.shape[0]),
+                 lambda: f"tiles must be empty or of shape ({image.shape[0]}, {text.shape[0]}), "
+                         f"got {tuple(tiles.shape)}")
     return (image.new_empty(image.shape, dtype=dtype),
             image.new_empty(text.shape, dtype=dtype),
             image.new_empty((), dtype=dtype))
@@ -87,12 +107,13 @@ class CppPrimitives:
     name = "cpu"
 
     @staticmethod
-    def lse(i, t, scale, bias):
-        return torch.ops.mmkernels.infonce_lse(i, t, scale, bias)
+    def lse(i, t, scale, bias, offset, keep):
+        return torch.ops.mmkernels.infonce_lse(i, t, scale, bias, offset, keep)
 
     @staticmethod
-    def grad(i, t, scale, bias, row_lse, col_lse, row_w, col_w):
-        return torch.ops.mmkernels.infonce_grad(i, t, scale, bias, row_lse, col_lse, row_w, col_w)
+    def grad(i, t, scale, bias, row_lse, col_lse, row_w, col_w, offset, tiles):
+        return torch.ops.mmkernels.infonce_grad(i, t, scale, bias, row_lse, col_lse, row_w, col_w,
+                                                offset, tiles)
 
     @staticmethod
     def siglip_pass(i, t, scale, bias, offset, want_grad):

@@ -46,15 +46,29 @@ def dense_logits(i, t, scale, bias):
     return x if bias is None else x + bias.double()
 
 
-def dense_lse(i, t, scale, bias):
+def positives(m, n, offset):
+    """Row and column indices of the positives (i, i + offset) inside an m x n matrix."""
+    rows = torch.arange(m)
+    keep = (rows + offset >= 0) & (rows + offset < n)
+    return rows[keep], rows[keep] + offset
+
+
+def dense_lse(i, t, scale, bias, offset):
+    """(row_lse_off, col_lse_off, diag, X): the LSEs without the positives, their logits."""
     x = dense_logits(i, t, scale, bias)
-    return x.logsumexp(1), x.logsumexp(0)
+    rows, cols = positives(*x.shape, offset)
+    diag = torch.full((x.shape[0],), -float("inf"), dtype=x.dtype)
+    diag[rows] = x[rows, cols]
+    off = x.clone()
+    off[rows, cols] = -float("inf")
+    return off.logsumexp(1), off.logsumexp(0), diag, x
 
 
-def dense_grad(i, t, scale, bias, row_lse, col_lse, row_w, col_w):
+def dense_grad(i, t, scale, bias, row_lse, col_lse, row_w, col_w, offset):
     x = dense_logits(i, t, scale, bias)
     p = (row_w.double()[:, None] * (x - row_lse.double()[:, None]).exp()
          + col_w.double()[None, :] * (x - col_lse.double()[None, :]).exp())
+    p[positives(*x.shape, offset)] = 0.0
     return p @ t.detach().double(), p.T @ i.detach().double(), p.sum()
 
 
@@ -88,26 +102,40 @@ def opcheck(op, args):
     assert all(v == "SUCCESS" for v in result.values()), result
 
 
+KEEP = [pytest.param(False, id="recompute"), pytest.param(True, id="keep")]
+# (M, N, offset): both side orders (the kernels swap sides when M > N, and the kept logits are
+# then a transposed view), offsets inside and outside the matrix.
+OP_SHAPES = [pytest.param((7, 9, 0), id="7x9+0"), pytest.param((9, 7, -2), id="9x7-2"),
+             pytest.param((9, 7, 20), id="9x7+20")]
+
+
+@pytest.mark.parametrize("keep", KEEP)
+@pytest.mark.parametrize("shape", OP_SHAPES)
 @pytest.mark.parametrize("layout", LAYOUT)
 @pytest.mark.parametrize("with_bias", BIAS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_opcheck_infonce_lse(dtype, with_bias, layout):
-    i, t = features(7, 9, 5, dtype, layout, requires_grad=True)
+def test_opcheck_infonce_lse(dtype, with_bias, layout, shape, keep):
+    m, n, offset = shape
+    i, t = features(m, n, 5, dtype, layout, requires_grad=True)
     scale, bias = scalars(with_bias, requires_grad=True)
-    opcheck(OPS.infonce_lse.default, (i, t, scale, bias))
+    opcheck(OPS.infonce_lse.default, (i, t, scale, bias, offset, keep))
 
 
+@pytest.mark.parametrize("keep", KEEP)
+@pytest.mark.parametrize("shape", OP_SHAPES)
 @pytest.mark.parametrize("layout", LAYOUT)
 @pytest.mark.parametrize("with_bias", BIAS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_opcheck_infonce_grad(dtype, with_bias, layout):
-    i, t = features(7, 9, 5, dtype, layout, requires_grad=True)
+def test_opcheck_infonce_grad(dtype, with_bias, layout, shape, keep):
+    m, n, offset = shape
+    i, t = features(m, n, 5, dtype, layout, requires_grad=True)
     scale, bias = scalars(with_bias, requires_grad=True)
-    row_lse, col_lse = OPS.infonce_lse(i, t, scale, bias)
+    row_off, col_off, diag, tiles = OPS.infonce_lse(i, t, scale, bias, offset, keep)
     cd = compute_dtype(dtype)
-    row_w = LAYOUTS[layout](torch.rand(7, 1, dtype=cd))[:, 0]  # a strided vector for "transposed"
-    col_w = torch.rand(9, dtype=cd)
-    opcheck(OPS.infonce_grad.default, (i, t, scale, bias, row_lse, col_lse, row_w, col_w))
+    row_w = LAYOUTS[layout](torch.rand(m, 1, dtype=cd))[:, 0]  # a strided vector for "transposed"
+    col_w = torch.rand(n, dtype=cd)
+    opcheck(OPS.infonce_grad.default,
+            (i, t, scale, bias, row_off, col_off, row_w, col_w, offset, tiles))
 
 
 @pytest.mark.parametrize("want_grad", [pytest.param(True, id="grad"),
@@ -125,15 +153,17 @@ def test_register_fakes_is_idempotent():
     assert register_fakes() and register_fakes()
 
 
-def test_ops_compile_fullgraph():
+@pytest.mark.parametrize("keep", KEEP)
+def test_ops_compile_fullgraph(keep):
     """The fakes carry the ops through torch.compile with dynamic shapes, no graph break."""
     def f(i, t, scale, bias):
-        row_lse, col_lse = CppPrimitives.lse(i, t, scale, bias)
-        a_i, a_t, psum = CppPrimitives.grad(i, t, scale, bias, row_lse, col_lse,
-                                            torch.ones_like(row_lse), torch.ones_like(col_lse))
+        row_off, col_off, diag, tiles = CppPrimitives.lse(i, t, scale, bias, 1, keep)
+        a_i, a_t, psum = CppPrimitives.grad(i, t, scale, bias, row_off, col_off,
+                                            torch.ones_like(row_off), torch.ones_like(col_off),
+                                            1, tiles)
         loss, g_i, g_t, gsum = CppPrimitives.siglip_pass(i, t, scale, bias, 0, True)
-        return row_lse.sum() + col_lse.sum() + a_i.sum() + a_t.sum() + psum + loss + g_i.sum() \
-            + g_t.sum() + gsum
+        return row_off.sum() + col_off.sum() + diag.clamp_min(-1e3).sum() + tiles.sum() \
+            + a_i.sum() + a_t.sum() + psum + loss + g_i.sum() + g_t.sum() + gsum
 
     compiled = torch.compile(f, fullgraph=True, dynamic=True, backend="aot_eager")
     for m, n in ((7, 9), (12, 4)):
@@ -150,6 +180,8 @@ def test_ops_compile_fullgraph():
 SHAPES = [pytest.param((7, 9, 5), id="7x9x5"), pytest.param((9, 7, 5), id="9x7x5")]
 ALL_DTYPES = DTYPES + [pytest.param(torch.float16, id="fp16"),
                        pytest.param(torch.bfloat16, id="bf16")]
+# Inside the matrix (0, positive, negative) and outside it at both ends.
+OFFSETS = [0, 2, -3, 100, -100]
 
 
 def rtol_for(dtype):
@@ -164,24 +196,135 @@ def check(outs, refs, dtype, what):
         assert_close(out, ref, rtol_for(dtype), f"{what}[{k}]")
 
 
+def check_lse(outs, refs, dtype, what):
+    """Like check(), for outputs that are -inf where the reference is (no positive, or nothing
+    left once the positive is out)."""
+    for k, (out, ref) in enumerate(zip(outs, refs)):
+        assert out.dtype == compute_dtype(dtype), f"{what}[{k}]: dtype {out.dtype}"
+        assert out.is_contiguous() and not out.requires_grad, f"{what}[{k}]"
+        finite = torch.isfinite(ref)
+        assert torch.equal(out == -float("inf"), ref == -float("inf")), f"{what}[{k}]: -inf"
+        if finite.any():
+            assert_close(out[finite], ref[finite], rtol_for(dtype), f"{what}[{k}]")
+
+
+def lse_and_grad(i, t, scale, bias, offset, keep, dtype):
+    """Both ops against the dense formulas; returns the kernels' lse outputs."""
+    m, n = i.shape[0], t.shape[0]
+    outs = CppPrimitives.lse(i, t, scale, bias, offset, keep)
+    refs = dense_lse(i, t, scale, bias, offset)
+    check_lse(outs[:3], refs[:3], dtype, "infonce_lse")
+    tiles = outs[3]
+    if keep:
+        assert tiles.shape == (m, n) and tiles.dtype == compute_dtype(dtype)
+        assert_close(tiles, refs[3], rtol_for(dtype), "tiles")
+        # The positives' logits are the kept tiles' values, bit for bit.
+        rows, cols = positives(m, n, offset)
+        assert torch.equal(tiles[rows, cols], outs[2][rows])
+    else:
+        assert tiles.shape == (0,)
+    # The backward takes the full LSEs (the host adds the positives back).
+    cd = compute_dtype(dtype)
+    x = dense_logits(i, t, scale, bias)
+    row_lse, col_lse = x.logsumexp(1).to(cd), x.logsumexp(0).to(cd)
+    # Positive weights (as in the losses): with mixed signs ΣP cancels and fp32 cannot promise
+    # a relative error on it.
+    row_w, col_w = torch.rand(m, dtype=cd) + 0.1, torch.rand(n, dtype=cd) + 0.1
+    before = tiles.clone()
+    grads = CppPrimitives.grad(i, t, scale, bias, row_lse, col_lse, row_w, col_w, offset, tiles)
+    assert grads[0].shape == (m, i.shape[1]) and grads[1].shape == (n, i.shape[1])
+    assert grads[2].shape == ()
+    # Only read: a graph kept with retain_graph=True can run its backward again.
+    assert torch.equal(tiles, before)
+    ref_grads = dense_grad(i, t, scale, bias, row_lse, col_lse, row_w, col_w, offset)
+    check(grads, ref_grads, dtype, "infonce_grad")
+    return outs
+
+
+@pytest.mark.parametrize("keep", KEEP)
+@pytest.mark.parametrize("offset", OFFSETS)
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("with_bias", BIAS)
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_infonce_matches_dense(shape, dtype, with_bias, layout):
+def test_infonce_matches_dense(shape, dtype, with_bias, layout, offset, keep):
     m, n, d = shape
     i, t = features(m, n, d, dtype, layout, requires_grad=True)
     scale, bias = scalars(with_bias)
-    row_lse, col_lse = CppPrimitives.lse(i, t, scale, bias)
-    check((row_lse, col_lse), dense_lse(i, t, scale, bias), dtype, "infonce_lse")
-    cd = compute_dtype(dtype)
-    # Positive weights (as in the losses): with mixed signs ΣP cancels and fp32 cannot promise
-    # a relative error on it.
-    row_w, col_w = torch.rand(m, dtype=cd) + 0.1, torch.rand(n, dtype=cd) + 0.1
-    outs = CppPrimitives.grad(i, t, scale, bias, row_lse, col_lse, row_w, col_w)
-    assert outs[0].shape == (m, d) and outs[1].shape == (n, d) and outs[2].shape == ()
-    check(outs, dense_grad(i, t, scale, bias, row_lse, col_lse, row_w, col_w), dtype,
-          "infonce_grad")
+    lse_and_grad(i, t, scale, bias, offset, keep, dtype)
+
+
+@pytest.mark.parametrize("keep", KEEP)
+@pytest.mark.parametrize("offset", [0, 1, -1])
+@pytest.mark.parametrize("shape", [pytest.param((1, 1), id="1x1"), pytest.param((1, 3), id="1x3"),
+                                   pytest.param((3, 1), id="3x1")])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_infonce_single_rows(dtype, shape, offset, keep):
+    """B = 1 and single rows/columns: a row whose only entry is its positive has an empty
+    off-positive sum (-inf), and its gradient weights are all zero."""
+    i, t = features(*shape, 4, dtype)
+    scale, bias = scalars(True)
+    lse_and_grad(i, t, scale, bias, offset, keep, dtype)
+
+
+@pytest.mark.parametrize("keep", KEEP)
+@pytest.mark.parametrize("shape,offset", [
+    pytest.param((300, 700), 0, id="300x700+0"), pytest.param((300, 700), 257, id="300x700+257"),
+    pytest.param((700, 300), -300, id="700x300-300"), pytest.param((700, 300), 5, id="700x300+5"),
+    pytest.param((600, 600), -1, id="600x600-1")])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_infonce_many_tiles(dtype, shape, offset, keep):
+    """Several row blocks and column blocks (and chunks), positives crossing tile borders."""
+    i, t = features(*shape, 16, dtype)
+    scale, bias = scalars(True)
+    lse_and_grad(i, t, scale, bias, offset, keep, dtype)
+
+
+@pytest.mark.parametrize("keep", KEEP)
+def test_infonce_confident_pairs(keep):
+    """Aligned pairs with a large scale: the positives dominate every row and column, yet the
+    off-positive LSEs (all the loss there is) keep fp32's relative accuracy."""
+    i, _ = features(64, 64, 256, torch.float32)
+    t = (i + 1e-3 * torch.randn_like(i)).div(1 + 1e-3)
+    scale = torch.tensor(100.0)
+    outs = lse_and_grad(i, t, scale, None, 0, keep, torch.float32)
+    assert (outs[2] > outs[0] + 50).all()  # the positive exceeds the rest by e^50
+
+
+def test_grad_accepts_tiles_of_any_layout():
+    """Logits passed in a layout infonce_lse does not produce (contiguous (M, N) with M > N)
+    give the same result as the kept ones."""
+    i, t = features(9, 7, 5, torch.float64)
+    scale, bias = scalars(True)
+    row_off, col_off, diag, kept = CppPrimitives.lse(i, t, scale, bias, 1, True)
+    assert kept.stride() == (1, 9)  # swapped sides: X^T stored contiguously
+    w_r, w_c = torch.rand(9, dtype=torch.float64), torch.rand(7, dtype=torch.float64)
+    args = (i, t, scale, bias, row_off, col_off, w_r, w_c, 1)
+    a = CppPrimitives.grad(*args, kept)
+    b = CppPrimitives.grad(*args, kept.contiguous())
+    c = CppPrimitives.grad(*args, kept.new_empty(0))
+    for x, y, z in zip(a, b, c):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+        torch.testing.assert_close(x, z, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("keep", KEEP)
+def test_nan_in_nan_out(keep):
+    i, t = features(6, 8, 4, torch.float32)
+    scale, bias = scalars(False)
+    i[2, 1] = float("nan")
+    row_off, col_off, diag, tiles = CppPrimitives.lse(i, t, scale, bias, 0, keep)
+    assert row_off[2].isnan() and diag[2].isnan()
+    assert not row_off[[0, 1, 3, 4, 5]].isnan().any()
+    others = torch.tensor([j for j in range(8) if j != 2])  # column 2 holds row 2's positive
+    assert col_off[others].isnan().all() and not col_off[2].isnan()
+    ones_r, ones_c = torch.ones(6), torch.ones(8)
+    a_i, a_t, psum = CppPrimitives.grad(i, t, scale, bias, torch.zeros(6), torch.zeros(8),
+                                        ones_r, ones_c, 0, tiles)
+    assert a_i[2].isnan().all() and a_t[others].isnan().all() and psum.isnan()
+    # A NaN scale poisons everything.
+    outs = CppPrimitives.lse(i, t, torch.tensor(float("nan")), None, 0, keep)
+    assert all(o.isnan().all() for o in outs[:3])
 
 
 @pytest.mark.parametrize("want_grad", [pytest.param(True, id="grad"),
@@ -206,11 +349,17 @@ def test_siglip_pass_matches_dense(shape, dtype, with_bias, offset, want_grad):
         check(outs[:1], refs[:1], dtype, "siglip_pass")
 
 
-def test_empty_sides():
+@pytest.mark.parametrize("keep", KEEP)
+def test_empty_sides(keep):
     i, t = features(0, 4, 3, torch.float32)
     scale, bias = scalars(True)
-    row_lse, col_lse = OPS.infonce_lse(i, t, scale, bias)
-    assert row_lse.shape == (0,) and torch.equal(col_lse, torch.full((4,), -float("inf")))
+    row_off, col_off, diag, tiles = OPS.infonce_lse(i, t, scale, bias, 0, keep)
+    assert row_off.shape == (0,) and diag.shape == (0,)
+    assert torch.equal(col_off, torch.full((4,), -float("inf")))
+    assert tiles.shape == ((0, 4) if keep else (0,))
+    a_i, a_t, psum = OPS.infonce_grad(i, t, scale, bias, row_off, torch.zeros(4), row_off,
+                                      torch.ones(4), 0, tiles)
+    assert a_i.shape == (0, 3) and torch.equal(a_t, torch.zeros(4, 3)) and psum.item() == 0
     loss, a_i, a_t, gsum = OPS.siglip_pass(i, t, scale, bias, 0, True)
     assert loss.item() == 0 and a_i.shape == (0, 3) and torch.equal(a_t, torch.zeros(4, 3))
 
@@ -223,22 +372,45 @@ def _bad_calls():
     i, t = torch.randn(4, 3), torch.randn(5, 3)
     s = torch.tensor(1.0)
     r, c, rw, cw = torch.zeros(4), torch.zeros(5), torch.ones(4), torch.ones(5)
+    e = torch.empty(0)
     return {
-        "1-D features": lambda: OPS.infonce_lse(i[0], t, s, None),
-        "feature size": lambda: OPS.infonce_lse(i, torch.randn(5, 2), s, None),
+        "1-D features": lambda: OPS.infonce_lse(i[0], t, s, None, 0, False),
+        "feature size": lambda: OPS.infonce_lse(i, torch.randn(5, 2), s, None, 0, True),
         "dtype mismatch": lambda: OPS.siglip_pass(i, t.double(), s, None, 0, True),
-        "integer features": lambda: OPS.infonce_lse(i.long(), t.long(), s, None),
-        "scale not scalar": lambda: OPS.infonce_lse(i, t, torch.ones(2), None),
+        "integer features": lambda: OPS.infonce_lse(i.long(), t.long(), s, None, 0, False),
+        "scale not scalar": lambda: OPS.infonce_lse(i, t, torch.ones(2), None, 0, False),
         "empty bias": lambda: OPS.siglip_pass(i, t, s, torch.ones(0), 0, False),
-        "row_lse length": lambda: OPS.infonce_grad(i, t, s, None, c, c, rw, cw),
-        "col_w 2-D": lambda: OPS.infonce_grad(i, t, s, None, r, c, rw, cw[None]),
-        "integer weights": lambda: OPS.infonce_grad(i, t, s, None, r, c, rw.long(), cw),
+        "row_lse length": lambda: OPS.infonce_grad(i, t, s, None, c, c, rw, cw, 0, e),
+        "col_w 2-D": lambda: OPS.infonce_grad(i, t, s, None, r, c, rw, cw[None], 0, e),
+        "integer weights": lambda: OPS.infonce_grad(i, t, s, None, r, c, rw.long(), cw, 0, e),
+        "tiles shape": lambda: OPS.infonce_grad(i, t, s, None, r, c, rw, cw, 0, torch.zeros(5, 4)),
+        "tiles 0x0": lambda: OPS.infonce_grad(i, t, s, None, r, c, rw, cw, 0, torch.zeros(0, 0)),
+        "tiles 1-D": lambda: OPS.infonce_grad(i, t, s, None, r, c, rw, cw, 0, torch.zeros(20)),
+        "tiles dtype": lambda: OPS.infonce_grad(i, t, s, None, r, c, rw, cw, 0,
+                                                torch.zeros(4, 5, dtype=torch.float64)),
+        "tiles integer": lambda: OPS.infonce_grad(i, t, s, None, r, c, rw, cw, 0,
+                                                  torch.zeros(4, 5, dtype=torch.int32)),
     }
 
 
-@pytest.mark.parametrize("case", [
-    "1-D features", "feature size", "dtype mismatch", "integer features", "scale not scalar",
-    "empty bias", "row_lse length", "col_w 2-D", "integer weights"])
+BAD_CALLS = ["1-D features", "feature size", "dtype mismatch", "integer features",
+             "scale not scalar", "empty bias", "row_lse length", "col_w 2-D", "integer weights",
+             "tiles shape", "tiles 0x0", "tiles 1-D", "tiles dtype", "tiles integer"]
+
+
+@pytest.mark.parametrize("case", BAD_CALLS)
 def test_bad_calls_raise(case):
     with pytest.raises(RuntimeError):
         _bad_calls()[case]()
+
+
+def test_extreme_offsets():
+    """Offsets near the int64 limits mean "no positive" and must not overflow."""
+    i, t = features(5, 6, 3, torch.float64)
+    scale, bias = scalars(False)
+    for offset in (2**63 - 1, -2**63):
+        row_off, col_off, diag, tiles = OPS.infonce_lse(i, t, scale, bias, offset, True)
+        x = dense_logits(i, t, scale, bias)
+        assert (diag == -float("inf")).all()
+        torch.testing.assert_close(row_off, x.logsumexp(1))
+        torch.testing.assert_close(col_off, x.logsumexp(0))
