@@ -5,14 +5,18 @@
                               [--threads N]
 
 One run times forward + backward of every implementation of each op on every case and
-reports, per row: median wall time, speedup over eager, peak extra memory (absolute and as %
-of eager's), and GFLOP/s on the op's nominal FLOP count with its share of the machine's GEMM
-peak, measured in the same run. Results go to ``<out>/<op>_<device>.{json,md}`` and
-``<op>_<device>_{time,memory}.png`` (``_quick`` before the suffixes for --quick runs).
+reports, per row: the median warm wall time over interleaved rounds (every implementation of
+a case in one process, the same number of rounds each, a rotating order per round), the cold
+first run's time, speedup over eager and over torch.compile, peak extra memory (absolute and
+as % of eager's, in a fresh process per implementation and case), and GFLOP/s on the op's
+nominal FLOP count with its share of the machine's GEMM peak, measured in the same run.
+Results go to ``<out>/<op>_<device>.{json,md}`` and ``<op>_<device>_{time,memory}.png``
+(``_quick`` before the suffixes for --quick runs).
 
-Layout: ``harness`` measures (worker processes, time, peak memory, GEMM peak), ``report``
-writes, ``peers`` loads the implementations compared with, and one module per op family
-(``contrastive``) says what to run; ``family.BenchOp`` is the interface between them.
+Layout: ``harness`` measures (worker processes: memory and cold time per implementation and
+case, interleaved warm time per case, GEMM peak), ``report`` writes, ``peers`` loads the
+implementations compared with, and one module per op family (``contrastive``) says what to
+run; ``family.BenchOp`` is the interface between them.
 """
 from __future__ import annotations
 
@@ -48,7 +52,8 @@ def _parse(argv: list) -> argparse.Namespace:
     p.add_argument("--op", choices=sorted(OPS), help="one op (default: all)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--quick", action="store_true",
-                   help=f"{_help('quick_help')}, fewer repeats (1-2 minutes on 2 cores)")
+                   help=f"{_help('quick_help')}, a smaller timing budget per case "
+                        "(a few minutes on 2 cores)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"),
                    help="where to write <op>_<device>.{json,md} and the plots "
                         "(default: benchmarks/results)")
@@ -95,22 +100,21 @@ def main(argv: list[str]) -> int:
         print(f"  {name} unavailable: {why}", flush=True)
     for dt, peak in probe["gemm_peak"].items():
         print(f"GEMM peak {dt}: {peak['gflops']:.1f} GFLOP/s", flush=True)
-    policy = harness.REPEATS_POLICY[args.quick]
-    print(f"repeats: {policy}", flush=True)
+    policy = harness.rounds_policy(args.quick)
+    print(f"timing: {policy}", flush=True)
 
     args.out.mkdir(parents=True, exist_ok=True)
     errors = 0
     for name in ops:
         op, rows = OPS[name], []
         for case, impls in op.plan(device, args.quick, args.sizes, dtypes, args.impls):
-            for impl in impls:
-                row = harness.bench_one(op, impl, case, device, args.quick, args.threads, probe)
-                rows.append(row)
-                harness.progress(row, case, started)
+            rows += harness.bench_case(op, case, impls, device, args.quick, args.threads,
+                                       probe, harness.progress(started))
         report.derive(op, rows, probe)
         errors += sum(r["status"] == "error" for r in rows)
         record = report.build(op, rows, probe, device=device, quick=args.quick,
                               command=command, repeats_policy=policy,
+                              timing_method=harness.timing_method(args.quick),
                               load_average={"start": load_at_start, "end": os.getloadavg()[0]})
         # Quick runs (the README's main job) must not overwrite the committed full results.
         stem = args.out / (f"{name}_{device}" + ("_quick" if args.quick else ""))

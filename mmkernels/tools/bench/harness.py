@@ -1,13 +1,27 @@
-"""Measurement, generic over ops: one fresh worker process per (implementation, case) times
-fwd+bwd and measures its peak extra memory; the probe worker measures the GEMM peak.
+"""Measurement, generic over ops: memory in one fresh worker process per (implementation,
+case), time in one worker process per case holding all of its implementations; the probe
+worker measures the GEMM peak.
 
-Every (implementation, case) runs in its own process so that one case's allocations, allocator
-state or OOM cannot leak into another's numbers. The parent talks to the ops only through
-``family.BenchOp``.
+Memory: every (implementation, case) runs in its own process so that one case's allocations,
+allocator state or OOM cannot leak into another's numbers. That process's first full-size
+fwd+bwd is the one measured; its wall time is reported as the *cold* time (it pays first-touch
+page faults, allocator growth, BLAS buffers: the materializing implementations' gigabytes show
+there).
+
+Time: one process per case builds and warms every implementation (a small warm-up, the
+compile peer at the case's own shape, then one full-size warm run each), then runs R rounds,
+each running every implementation once in a rotating order, so that drift, thermal and
+neighbours' noise hit all of them alike; the reported time is each implementation's median
+over the same R rounds (``rounds``). An implementation that fails there gets its own error
+row; the others keep their timings (a worker that dies is restarted without the one it was
+running).
+
+The parent talks to the ops only through ``family.BenchOp``.
 """
 from __future__ import annotations
 
 import ctypes
+import functools
 import gc
 import importlib.metadata
 import json
@@ -19,7 +33,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -51,17 +65,72 @@ def fwd_bwd(fn: Callable, inputs) -> torch.Tensor:
     return loss.detach()
 
 
-def repeats(first_run_s: float, quick: bool) -> int:
-    """Timed runs after the first run at the case's size (the one whose memory is measured).
-    0: a run that long is its own sample; repeating it would double a many-minute case."""
-    if quick:
-        return 3 if first_run_s < 1 else 0
-    return 5 if first_run_s < 1 else 3 if first_run_s < 10 else 0
+def timed(fn: Callable, inputs) -> float:
+    """Wall seconds of one ``fwd_bwd``; on CUDA the device is idle when the clock starts and
+    ``fwd_bwd`` waits for it before the clock stops."""
+    if inputs[0].is_cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fwd_bwd(fn, inputs)
+    return time.perf_counter() - t0
 
 
-REPEATS_POLICY = {True: "3 if one run takes < 1 s, else the first run at that size alone",
-                  False: "5 if one run takes < 1 s, 3 if < 10 s, else the first run at that "
-                         "size alone"}
+# Interleaved rounds: R = clamp(budget / one warm round, ROUNDS_MIN, ROUNDS_MAX), the same R
+# for every implementation of a case. Never one: a single sample is no median.
+ROUNDS_MIN, ROUNDS_MAX = 3, 7
+ROUNDS_BUDGET_S = {True: 10.0, False: 60.0}  # per case, by --quick
+
+
+def rounds(warm_round_s: float, quick: bool) -> int:
+    """Timed rounds of a case whose warm round (every implementation once) took
+    ``warm_round_s``."""
+    if warm_round_s <= 0:
+        return ROUNDS_MAX
+    return max(ROUNDS_MIN, min(ROUNDS_MAX, int(ROUNDS_BUDGET_S[quick] // warm_round_s)))
+
+
+def rounds_policy(quick: bool) -> str:
+    return (f"R = clamp({ROUNDS_BUDGET_S[quick]:g} s / one warm round of all implementations, "
+            f"{ROUNDS_MIN}, {ROUNDS_MAX}) rounds per case, the same R for every implementation "
+            "of the case")
+
+
+def timing_method(quick: bool) -> str:
+    """How the time column was measured, in words (the JSON's ``timing_method``)."""
+    return ("median of R interleaved warm rounds in one worker process per case: every "
+            "implementation is built and warmed there (a small warm-up; torch.compile compiles "
+            "at the case's own shape), runs one full-size warm fwd+bwd, then R rounds each run "
+            "every implementation once in a rotating order, so drift and noise hit all alike; "
+            f"{rounds_policy(quick)}. The cold column is the first full-size fwd+bwd in the "
+            "fresh memory-measuring process (first-touch page faults included), not used "
+            "for any ratio")
+
+
+def rotation(names: Sequence[str], k: int) -> list[str]:
+    """Round ``k``'s order: ``names`` rotated left by ``k``."""
+    n = len(names)
+    return [names[(k + j) % n] for j in range(n)]
+
+
+def interleave(steps: Mapping[str, Callable[[], float]], n_rounds: int,
+               on_start: Callable[[str], None] | None = None) -> tuple[dict, dict]:
+    """Run ``n_rounds`` rounds; round k calls each step once in ``rotation(names, k)`` order,
+    each call returning its own elapsed seconds. A step that raises is dropped from the
+    later rounds. Returns ({name: [seconds per round]}, {name: the exception})."""
+    names = list(steps)
+    times: dict = {name: [] for name in names}
+    errors: dict = {}
+    for k in range(n_rounds):
+        for name in rotation(names, k):
+            if name in errors:
+                continue
+            if on_start:
+                on_start(name)
+            try:
+                times[name].append(steps[name]())
+            except Exception as exc:  # noqa: BLE001 - one implementation's failure is its row
+                errors[name] = exc
+    return {n: t for n, t in times.items() if n not in errors}, errors
 
 
 def label(impl: str, backend: str | None) -> str:
@@ -173,11 +242,32 @@ def _one_line(exc: BaseException) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Worker side: one process measures one (implementation, case), or probes the machine
+# Worker side: one process measures the memory (and cold time) of one (implementation, case),
+# times every implementation of one case, or probes the machine
 
 
-def _measure(op: BenchOp, spec: dict) -> dict:
-    impl, device, quick = spec["impl"], spec["device"], spec["quick"]
+def _warm_up(op: BenchOp, impl: str, fn: Callable, case, device: str) -> dict | None:
+    """Warm the process (libraries, BLAS buffers, thread pools) on a small problem, or at
+    the case's own size for compile (which compiles in this call). A failed compile (not an
+    OOM) is a skip: returned as the row's result. Other failures raise."""
+    warm = case if impl == COMPILE else op.small_case(case)
+    try:
+        fwd_bwd(fn, op.make_inputs(warm, device, seed=1))
+    except Exception as exc:
+        if impl == COMPILE and not _is_oom(exc):
+            return {"status": "skipped", "reason": f"torch.compile failed: {_one_line(exc)}"}
+        raise
+    return None
+
+
+def _failed(exc: BaseException) -> dict:
+    return {"status": "oom" if _is_oom(exc) else "error", "reason": _one_line(exc)}
+
+
+def _memory(op: BenchOp, spec: dict) -> dict:
+    """Peak extra memory of the first full-size fwd+bwd in this fresh process, and its wall
+    time (``cold_s``)."""
+    impl, device = spec["impl"], spec["device"]
     case = op.case_type(**spec["case"])
     # Resolved here, where it runs: the C++ extension may have been built since the probe.
     backend = op.resolved_backend(case.dtype, device) if impl == "mmkernels" else None
@@ -188,35 +278,74 @@ def _measure(op: BenchOp, spec: dict) -> dict:
     if device == "cpu":
         _limit_address_space()
     try:
-        # Warm the process (libraries, BLAS buffers, thread pools) on a small problem so the
-        # measured run is the first one at the case's size; compile must warm at that size.
-        warm = case if impl == COMPILE else op.small_case(case)
-        try:
-            fwd_bwd(fn, op.make_inputs(warm, device, seed=1))
-        except Exception as exc:
-            if impl == COMPILE and not _is_oom(exc):
-                return {"status": "skipped", "backend": backend,
-                        "reason": f"torch.compile failed: {_one_line(exc)}"}
-            raise
+        skipped = _warm_up(op, impl, fn, case, device)
+        if skipped:
+            return {**skipped, "backend": backend}
         inputs = op.make_inputs(case, device)
         memory = PeakMemory(device)
         memory.start()
-        t0 = time.perf_counter()
-        fwd_bwd(fn, inputs)
-        first = time.perf_counter() - t0
+        cold = timed(fn, inputs)
         extra = memory.extra()
-        more = repeats(first, quick)
-        times = [] if more else [first]
-        for _ in range(more):
-            t0 = time.perf_counter()
-            fwd_bwd(fn, inputs)
-            times.append(time.perf_counter() - t0)
     except Exception as exc:  # noqa: BLE001 - whatever breaks becomes this row's status
-        return {"status": "oom" if _is_oom(exc) else "error", "reason": _one_line(exc),
-                "backend": backend}
-    return {"status": "ok", "backend": backend, "times_s": times,
-            "time_s": statistics.median(times), "repeats": len(times), "extra_bytes": extra,
+        return {**_failed(exc), "backend": backend}
+    return {"status": "ok", "backend": backend, "cold_s": cold, "extra_bytes": extra,
             "memory_method": memory.method}
+
+
+_RUNNING_MARK = "@@mmkernels-bench-running "
+
+
+def _running(impl: str) -> None:
+    # Tells the parent which implementation a worker that dies was running.
+    print(_RUNNING_MARK + impl, flush=True)
+
+
+def _time_case(op: BenchOp, spec: dict) -> dict:
+    """Every implementation of one case in this process: build, warm, one full-size warm run
+    each, then ``rounds()`` interleaved rounds (``interleave``)."""
+    impls, device, quick = spec["impls"], spec["device"], spec["quick"]
+    case = op.case_type(**spec["case"])
+    if device == "cpu":
+        _limit_address_space()
+    results: dict = {}
+    steps: dict = {}
+    inputs = None
+    for impl in impls:
+        _running(impl)
+        backend = None
+        try:
+            if impl == "mmkernels":
+                backend = op.resolved_backend(case.dtype, device)
+            fn = op.build(impl)
+        except PeerUnavailable as exc:
+            results[impl] = {"status": "skipped", "reason": str(exc), "backend": backend}
+            continue
+        except Exception as exc:  # noqa: BLE001
+            results[impl] = {**_failed(exc), "backend": backend}
+            continue
+        try:
+            skipped = _warm_up(op, impl, fn, case, device)
+            if skipped:
+                results[impl] = {**skipped, "backend": backend}
+                continue
+            if inputs is None:  # one set of inputs, shared: fwd_bwd clears the grads
+                inputs = op.make_inputs(case, device)
+            warm = timed(fn, inputs)  # the full-size warm run
+        except Exception as exc:  # noqa: BLE001 - this implementation's row, not the case's
+            results[impl] = {**_failed(exc), "backend": backend}
+            continue
+        results[impl] = {"status": "ok", "backend": backend, "warm_s": warm}
+        steps[impl] = functools.partial(timed, fn, inputs)
+    warm_round = sum(results[i]["warm_s"] for i in steps)
+    n_rounds = rounds(warm_round, quick)
+    times, errors = interleave(steps, n_rounds, on_start=_running)
+    for impl, exc in errors.items():
+        results[impl] = {**_failed(exc), "backend": results[impl]["backend"],
+                         "reason": f"in the timed rounds: {_one_line(exc)}"}
+    for impl, ts in times.items():
+        results[impl].update(times_s=ts, time_s=statistics.median(ts))
+    return {"status": "ok", "impls": results, "rounds": n_rounds, "order": list(steps),
+            "warm_round_s": warm_round, "rounds_budget_s": ROUNDS_BUDGET_S[quick]}
 
 
 def _gemm_peak(device: str, dtype: str, quick: bool) -> dict:
@@ -283,7 +412,11 @@ def worker(ops: Mapping[str, BenchOp], spec_json: str) -> int:
     spec = json.loads(spec_json)
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
-    result = _probe(ops, spec) if spec["mode"] == "probe" else _measure(ops[spec["op"]], spec)
+    if spec["mode"] == "probe":
+        result = _probe(ops, spec)
+    else:
+        measure = {"memory": _memory, "time": _time_case}[spec["mode"]]
+        result = measure(ops[spec["op"]], spec)
     print(_RESULT_MARK + json.dumps(result), flush=True)
     return 0
 
@@ -293,7 +426,8 @@ def worker(ops: Mapping[str, BenchOp], spec_json: str) -> int:
 
 
 def spawn(spec: dict) -> dict:
-    """Run one worker; its crash (signal, OOM kill, traceback) becomes a result row."""
+    """Run one worker; its crash (signal, OOM kill, traceback) becomes a result row, with
+    ``running``: the implementation it had last announced (``_running``), if any."""
     env = dict(os.environ)
     # The worker imports this package from where the parent did, installed or not.
     root = str(Path(mmkernels.__file__).resolve().parent.parent)
@@ -305,21 +439,27 @@ def spawn(spec: dict) -> dict:
     proc = subprocess.run(
         [sys.executable, "-m", __package__, "--worker", json.dumps(spec)],
         check=False, capture_output=True, text=True, env=env)
+    running = None
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(_RESULT_MARK):
             return json.loads(line[len(_RESULT_MARK):])
+        if running is None and line.startswith(_RUNNING_MARK):
+            running = line[len(_RUNNING_MARK):].strip()
     if proc.returncode < 0:
         sig = signal.Signals(-proc.returncode).name
         if proc.returncode == -signal.SIGKILL:
-            return {"status": "oom", "reason": f"worker killed by {sig} (out of memory?)"}
-        return {"status": "error", "reason": f"worker killed by {sig}"}
+            return {"status": "oom", "reason": f"worker killed by {sig} (out of memory?)",
+                    "running": running}
+        return {"status": "error", "reason": f"worker killed by {sig}", "running": running}
     tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-    return {"status": "error", "reason": f"worker exited with {proc.returncode}: {tail}"[:300]}
+    return {"status": "error", "reason": f"worker exited with {proc.returncode}: {tail}"[:300],
+            "running": running}
 
 
-def bench_one(op: BenchOp, impl: str, case, device: str, quick: bool, threads: int | None,
-              probe: dict) -> dict:
-    """The row of one (implementation, case): skipped up front when it cannot fit."""
+def _memory_row(op: BenchOp, impl: str, case, device: str, quick: bool, threads: int | None,
+                probe: dict) -> dict:
+    """Memory and cold time of one (implementation, case) in a fresh worker: skipped up front
+    when it cannot fit."""
     backend = probe["resolved"][op.name][case.dtype] if impl == "mmkernels" else None
     row = {"op": op.name, "impl": impl, "label": label(impl, backend), "backend": backend,
            **asdict(case)}
@@ -330,12 +470,83 @@ def bench_one(op: BenchOp, impl: str, case, device: str, quick: bool, threads: i
                 "reason": f"skipped (est. {need / GiB:.1f} GiB > 80% of "
                           f"{available / GiB:.1f} GiB available)"}
     t0 = time.perf_counter()
-    result = spawn({"mode": "measure", "op": op.name, "impl": impl, "device": device,
+    result = spawn({"mode": "memory", "op": op.name, "impl": impl, "device": device,
                     "quick": quick, "threads": threads, "case": asdict(case)})
+    result.pop("running", None)
     row.update(result, worker_wall_s=time.perf_counter() - t0)
     if result.get("backend"):
         row["label"] = label(impl, result["backend"])
     return row
+
+
+def _time_impls(op: BenchOp, impls: list, case, device: str, quick: bool,
+                threads: int | None) -> tuple[dict, dict]:
+    """Interleaved timings of ``impls`` on one case: ({impl: result}, the run's facts). A
+    worker that dies is run again without the implementation it was running, which gets the
+    crash as its result."""
+    results: dict = {}
+    remaining = list(impls)
+    facts: dict = {"timing_workers": 0, "timing_worker_wall_s": 0.0}
+    while remaining:
+        t0 = time.perf_counter()
+        out = spawn({"mode": "time", "op": op.name, "impls": list(remaining), "device": device,
+                     "quick": quick, "threads": threads, "case": asdict(case)})
+        facts["timing_workers"] += 1
+        facts["timing_worker_wall_s"] += time.perf_counter() - t0
+        if out["status"] == "ok":
+            results.update(out.pop("impls"))
+            facts.update(out)
+            break
+        crash = {"status": out["status"], "reason": f"timing worker: {out['reason']}"}
+        culprit = out.get("running")
+        if culprit not in remaining:  # died before naming one: nothing to retry without
+            results.update({impl: crash for impl in remaining})
+            break
+        results[culprit] = crash
+        remaining.remove(culprit)
+    facts.pop("status", None)
+    return results, facts
+
+
+def bench_case(op: BenchOp, case, impls: Sequence[str], device: str, quick: bool,
+               threads: int | None, probe: dict,
+               report: Callable[[dict, object, str], None] | None = None) -> list[dict]:
+    """The rows of one case, in ``impls`` order: memory and cold time per implementation in
+    fresh workers (``_memory_row``), then the interleaved timing of those that ran
+    (``_time_impls``). ``report(row, case, phase)`` is called as results come ("memory", "time")."""
+    rows = {}
+    for impl in impls:
+        rows[impl] = _memory_row(op, impl, case, device, quick, threads, probe)
+        if report:
+            report(rows[impl], case, "memory")
+    ran = [impl for impl in impls if rows[impl]["status"] == "ok"]
+    if not ran:
+        return [rows[impl] for impl in impls]
+    timings, facts = _time_impls(op, ran, case, device, quick, threads)
+    for impl in ran:
+        row, t = rows[impl], timings.get(impl, {"status": "error",
+                                               "reason": "no timing result"})
+        row.update(timing_method="interleaved", rounds=facts.get("rounds"),
+                   rounds_budget_s=facts.get("rounds_budget_s"),
+                   warm_round_s=facts.get("warm_round_s"), round_order=facts.get("order"),
+                   timing_workers=facts["timing_workers"],
+                   timing_worker_wall_s=facts["timing_worker_wall_s"])
+        if t.get("backend") and t["backend"] != row["backend"]:
+            # The C++ extension was rebuilt (or broke) between the two workers: a row mixing
+            # two backends' numbers would be wrong.
+            t = {"status": "error",
+                 "reason": f"backend changed between the memory worker ({row['backend']}) "
+                           f"and the timing worker ({t['backend']})"}
+        if t["status"] == "ok":
+            row.update(times_s=t["times_s"], time_s=t["time_s"], repeats=len(t["times_s"]),
+                       warm_s=t["warm_s"])
+        else:
+            reason = t["reason"]
+            row.update(status=t["status"],
+                       reason=reason if reason.startswith("timing") else f"timing: {reason}")
+        if report:
+            report(row, case, "time")
+    return [rows[impl] for impl in impls]
 
 
 def num(x: float | None, unit: str = "") -> str:
@@ -354,12 +565,17 @@ def status_text(row: dict) -> str:
     return f"{row['status']}: {row['reason']}"
 
 
-def progress(row: dict, case, started: float) -> None:
-    if row["status"] == "ok":
-        runs = f"median of {row['repeats']}" if row["repeats"] > 1 else "1 run"
-        what = (f"{num(1e3 * row['time_s'])} ms ({runs}), "
-                f"extra {num(row['extra_bytes'] / MiB)} MiB")
-    else:
-        what = status_text(row)
-    print(f"[{time.perf_counter() - started:7.1f} s] {row['op']:<8} {case.aligned()}  "
-          f"{row['label']:<20} {what}", flush=True)
+def progress(started: float) -> Callable[[dict, object, str], None]:
+    """``bench_case``'s ``report``: one line per (row, phase)."""
+    def report(row: dict, case, phase: str) -> None:
+        if row["status"] != "ok":
+            what = status_text(row)
+        elif phase == "memory":
+            what = (f"extra {num(row['extra_bytes'] / MiB)} MiB, cold (first run) "
+                    f"{num(1e3 * row['cold_s'])} ms")
+        else:
+            what = (f"{num(1e3 * row['time_s'])} ms (median of {row['repeats']} interleaved "
+                    f"rounds)")
+        print(f"[{time.perf_counter() - started:7.1f} s] {row['op']:<8} {case.aligned()}  "
+              f"{phase:<6} {row['label']:<20} {what}", flush=True)
+    return report

@@ -21,10 +21,15 @@ def _case_fields(op: BenchOp) -> list[str]:
 
 
 def derive(op: BenchOp, rows: list, probe: dict) -> None:
-    """Speedup and memory relative to eager in the same case, GFLOP/s and % of GEMM peak."""
+    """Speedup relative to eager and to torch.compile in the same case (interleaved warm
+    medians, never the cold run), memory relative to eager, GFLOP/s and % of GEMM peak."""
     fields = _case_fields(op)
-    eager = {tuple(r[f] for f in fields): r for r in rows
-             if r["impl"] == "eager" and r["status"] == "ok"}
+
+    def ok(impl: str) -> dict:
+        return {tuple(r[f] for f in fields): r for r in rows
+                if r["impl"] == impl and r["status"] == "ok"}
+
+    eager, compiled = ok("eager"), ok(COMPILE)
     for r in rows:
         if r["status"] != "ok":
             continue
@@ -32,24 +37,78 @@ def derive(op: BenchOp, rows: list, probe: dict) -> None:
         r["nominal_flops"] = flops
         r["gflops"] = flops / r["time_s"] / 1e9
         r["pct_of_gemm_peak"] = 100 * r["gflops"] / probe["gemm_peak"][r["dtype"]]["gflops"]
-        ref = eager.get(tuple(r[f] for f in fields))
+        key = tuple(r[f] for f in fields)
+        ref, comp = eager.get(key), compiled.get(key)
         r["speedup_vs_eager"] = ref["time_s"] / r["time_s"] if ref else None
+        r["speedup_vs_compile"] = comp["time_s"] / r["time_s"] if comp else None
         r["extra_vs_eager_pct"] = (100 * r["extra_bytes"] / ref["extra_bytes"]
                                    if ref and ref["extra_bytes"] > 0 else None)
 
 
 def build(op: BenchOp, rows: list, probe: dict, *, device: str, quick: bool, command: str,
-          repeats_policy: str, load_average: dict) -> dict:
+          repeats_policy: str, load_average: dict, timing_method: str = "") -> dict:
     """The JSON record of one op's run (``derive`` has filled the rows)."""
     return {
         "op": op.name, "device": device, "quick": quick, "command": command,
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "repeats_policy": repeats_policy,
+        "timing_method": timing_method,
         "nominal_flops": f"{op.flops_formula} ({op.flops_note})",
         "load_average": load_average,
         "machine": {**probe, "memory_method": memory_method(probe["memory_method"], op)},
         "rows": rows,
     }
+
+
+def _ms(seconds: float | None) -> str:
+    return num(None if seconds is None else 1e3 * seconds)
+
+
+def headlines(op: BenchOp, rows: list) -> list[str]:
+    """Per case, what the fused op wins: memory first (it is the win wherever the peers
+    materialize), time only where it beats the fastest peer on the interleaved medians."""
+    fields = _case_fields(op)
+    cases: dict = {}
+    for r in rows:
+        cases.setdefault(tuple(r[f] for f in fields), []).append(r)
+    lines = []
+    for key, group in cases.items():
+        name = ", ".join(f"{f}={v}" for f, v in zip(fields, key))
+        fused = next((r for r in group if r["impl"] == "mmkernels" and r["status"] == "ok"),
+                     None)
+        if fused is None:
+            continue
+        peers = [r for r in group if r["impl"] != "mmkernels"]
+        ran = [r for r in peers if r["status"] == "ok"]
+        mem = fused["extra_bytes"]
+        if not ran:
+            why = "; ".join(f"{r['label']} {status_text(r)}" for r in peers) or "none run"
+            lines.append(f"- **{name} — memory**: only {fused['label']} runs "
+                         f"({num(mem / MiB)} MiB extra); {why}.")
+            continue
+        lean = min(ran, key=lambda r: r["extra_bytes"])
+        fast = min(ran, key=lambda r: r["time_s"])
+        memory_win = mem < lean["extra_bytes"]
+        time_win = fused["time_s"] < fast["time_s"]
+        wins = " and ".join(w for w, won in (("memory", memory_win), ("time", time_win)) if won)
+        if mem > 0:
+            less = f"{num(lean['extra_bytes'] / mem, '×')} less than" if memory_win else \
+                f"{num(mem / lean['extra_bytes'], '×')} that of" if lean["extra_bytes"] > 0 \
+                else "vs"
+        else:
+            less = "(below the RSS resolution) vs"
+        times = ", ".join(f"{num(fused[k], '×')} {label}"
+                          for k, label in (("speedup_vs_eager", "eager"),
+                                           ("speedup_vs_compile", "torch.compile"))
+                          if fused.get(k) is not None)
+        lines.append(
+            f"- **{name} — {wins or 'no win at this size'}**: {fused['label']} "
+            f"{num(mem / MiB)} MiB extra, {less} the leanest peer ({lean['label']}, "
+            f"{num(lean['extra_bytes'] / MiB)} MiB); time {_ms(fused['time_s'])} ms, "
+            f"{fast['time_s'] / fused['time_s']:.2f}× the speed of the fastest peer "
+            f"({fast['label']}, {_ms(fast['time_s'])} ms)"
+            + (f"; speedup {times}" if times else "") + ".")
+    return lines
 
 
 def markdown(op: BenchOp, report: dict) -> str:
@@ -59,6 +118,7 @@ def markdown(op: BenchOp, report: dict) -> str:
                                 f"{'s' if probe['torch_threads'] != 1 else ''})"
     peaks = "; ".join(f"{dt} {p['gflops']:.1f} GFLOP/s (torch.mm {p['n']}×{p['n']}, median "
                       f"of {p['repeats']})" for dt, p in probe["gemm_peak"].items())
+    method = report.get("timing_method") or f"repeats: {report['repeats_policy']}"
     lines = [
         f"## {op.title} forward + backward, {device}",
         "",
@@ -67,8 +127,8 @@ def markdown(op: BenchOp, report: dict) -> str:
          f"{report['load_average']['end']:.1f} at the end.  "),
         f"Command: `{report['command']}`",
         "",
-        (f"- Time: median wall time of one fwd+bwd ({op.step}) after warm-up; repeats: "
-         f"{report['repeats_policy']}."),
+        f"- Time: wall time of one fwd+bwd ({op.step}), {method}.",
+        "- Speedups and GFLOP/s use the warm interleaved medians (the time column).",
         (f"- GFLOP/s count the nominal **{op.flops_formula}** FLOPs for every implementation: "
          f"{op.flops_basis}. GEMM peak: {peaks}."),
         f"- Extra memory: {probe['memory_method']}.",
@@ -79,21 +139,27 @@ def markdown(op: BenchOp, report: dict) -> str:
     fields = dataclasses.fields(op.case_type)
     lead = "".join(f" {f.name} |" for f in fields)
     align = "".join("---:|" if f.type in (int, "int") else "---|" for f in fields)
+    summary = headlines(op, report["rows"])
+    if summary:
+        lines += ["", "What the fused op wins, per case:", "", *summary]
     lines += [
         "",
-        (f"|{lead} implementation | time (ms) | repeats | speedup vs eager "
-         "| extra memory (MiB) | memory vs eager | GFLOP/s | % of GEMM peak |"),
-        f"|{align}---|---:|---:|---:|---:|---:|---:|---:|",
+        (f"|{lead} implementation | time (ms) | rounds | cold (first run, ms) "
+         "| speedup vs eager | speedup vs compile | extra memory (MiB) | memory vs eager "
+         "| GFLOP/s | % of GEMM peak |"),
+        f"|{align}---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["rows"]:
         head = "|" + "".join(f" {r[f.name]} |" for f in fields) + f" {r['label']} |"
         if r["status"] != "ok":
-            lines.append(f"{head} {status_text(r)} | | | | | | |")
+            lines.append(f"{head} {status_text(r)} | | | | | | | | |")
             continue
-        speedup = r["speedup_vs_eager"]
+        speedup, vs_compile = r["speedup_vs_eager"], r.get("speedup_vs_compile")
         lines.append(
-            f"{head} {num(1e3 * r['time_s'])} | {r['repeats']} | "
+            f"{head} {_ms(r['time_s'])} | {r.get('rounds', r['repeats'])} | "
+            f"{_ms(r.get('cold_s'))} | "
             f"{num(speedup, '×') if speedup is not None else '–'} | "
+            f"{num(vs_compile, '×') if vs_compile is not None else '–'} | "
             f"{num(r['extra_bytes'] / MiB)} | {num(r['extra_vs_eager_pct'], '%')} | "
             f"{num(r['gflops'])} | {num(r['pct_of_gemm_peak'], '%')} |")
     return "\n".join(lines) + "\n"
@@ -140,7 +206,7 @@ def plot(op: BenchOp, report: dict, metric: str, path: Path) -> None:
     ax.set_xticks(ticks, [str(v) for v in ticks])  # the sizes run, not powers of 2
     ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax.set_xlabel(op.x_label)
-    ax.set_ylabel("median fwd+bwd time (ms)" if metric == "time"
+    ax.set_ylabel("median warm fwd+bwd time (ms), interleaved" if metric == "time"
                   else "peak extra memory (MiB)")
     fixed = [f"{f}={'/'.join(map(str, vs))}" for f, vs in others.items()]
     ax.set_title(f"{op.title} fwd+bwd — {', '.join(fixed + ['/'.join(dtypes)])}, "
