@@ -9,18 +9,34 @@ Precision (one rule for every kernel):
 
 * fp16/bf16 inputs feed ``tl.dot`` directly with fp32 accumulation (family "16bit").
 * fp32 inputs follow ``torch.get_float32_matmul_precision()``, read once per op call by the
-  caller (``mmkernels._dispatch.fp32_uses_tf32``) and passed down as ``tf32``, so that a forward and its backward cannot
-  disagree: "highest" (torch's default) runs exact IEEE fp32 (family "ieee"); "high" or
-  "medium" run TF32 tensor cores (family "tf32") on operands *rounded to nearest* first
-  (``round_tf32``). Triton feeds raw fp32 to TF32 ``tl.dot``, which truncates the mantissa:
-  a bias of up to 2^-10 relative per operand that does not average out (Inf-CL rounds by hand
-  for the same reason). The Triton interpreter computes every ``tl.dot`` in fp32, so there a
+  caller (``mmkernels._dispatch.fp32_uses_tf32``) and passed down as ``tf32``, so that a
+  forward and its backward cannot disagree: "highest" (torch's default) runs exact IEEE fp32
+  (family "ieee"); "high" or "medium" run TF32 tensor cores (family "tf32") on operands
+  *rounded to nearest* first (``round_tf32``). Triton feeds raw fp32 to TF32 ``tl.dot``, which
+  truncates the mantissa: a bias of up to 2^-10 relative per operand that does not average out
+  (Inf-CL rounds by hand for the same reason). The Triton interpreter computes every ``tl.dot`` in fp32, so there a
   "tf32" kernel is exactly fp32 arithmetic on rounded operands: the TF32 oracle of the tests.
 
 Layout: features/rows whose width, row stride or address is not a multiple of 16 elements are
 copied into a zero-padded buffer of width roundup(D, 16) (``aligned_rows``). Triton
 specializes launches on 16-divisibility; without it loads are not vectorized and the big
 kernels spill registers.
+
+Tile sweeps (the contrastive kernels; see ``logits_tile``, ``accumulate_slices``):
+
+* Every logit tile is computed by ``logits_tile`` as (I-block)·(T-block)ᵀ with the same
+  BLOCK_M × BLOCK_N × BLOCK_D shape in a forward and its backward, so the backward recomputes
+  the forward's logits bit for bit. A softmax whose mass sits on one entry then gets
+  exp(X − lse) = exp(0) = 1 exactly there, instead of exp(rounding of a logit of 1e5).
+* A program keeps the rows it owns ("resident") and streams the other side's tiles. Its
+  output rows, a (rows × D) fp32 gradient block, are accumulated in registers when D fits one
+  BLOCK_DV slice, else in the output buffer itself, slice by slice after each tile
+  (``accumulate_slices``): the tile's weights stay in registers and are used for every slice,
+  so the logits are never recomputed per D-slice.
+* Deterministic results (``deterministic()``: torch's flag) use no atomics: each output row
+  has one owner program, and cross-program sums (log-sum-exp partials, scalar partial sums)
+  go through small buffers reduced on the host in a fixed order. Otherwise the streamed side's
+  gradient rows are added with fp32 atomics, which saves one recomputation of every tile.
 """
 from __future__ import annotations
 
@@ -43,10 +59,17 @@ LN2 = tl.constexpr(0.6931471805599453)
 # for the second tl.dot (exact, undone on the accumulator): keeps entries ≤ 2 out of fp16's
 # subnormal range (< 6e-5), where they would lose their precision.
 CAST_SCALE = tl.constexpr(16384.0)
+CAST_EXPONENT = 14
 
 DOT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Each precision family is compiled for gpu-report with the dtype it serves.
 SPEC_DTYPES = {"16bit": "bf16", "tf32": "fp32", "ieee": "fp32"}
+
+# Grid sizing. A (row block × column range) program grid is given about PROGRAMS programs
+# when the blocks allow it: two waves of a 132-SM H100 at one block per SM, so that small
+# batches still fill the GPU and the tail of the last wave stays short. Shapes alone decide
+# it (not the device), so a given call sums in the same order on every GPU.
+PROGRAMS = 256
 
 
 # ----------------------------------------------------------------------------------------------
@@ -74,12 +97,9 @@ def round_tf32(x):
 
 
 @triton.jit
-def row_block(ptr, stride, n_rows, BLOCK: tl.constexpr):
-    """The prologue of a kernel whose program owns BLOCK rows: (row offsets, valid mask, row
-    base pointers). int64 pointer offsets: rows·stride can exceed 2^31 elements."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n_rows
-    return offs, mask, ptr + offs.to(tl.int64) * stride
+def rows_of(ptr, offs, stride):
+    """Row base pointers; int64 offsets: rows·stride can exceed 2^31 elements."""
+    return ptr + offs.to(tl.int64) * stride
 
 
 @triton.jit
@@ -104,28 +124,74 @@ def load_rows(rows, cols, mask_rows, mask_cols, INPUT_PRECISION: tl.constexpr):
 
 
 @triton.jit
-def dot_rows(a_rows, b_rows, mask_a, mask_b, D, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
-             BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """S = A_blk·B_blkᵀ (BLOCK_A × BLOCK_B, fp32) for row base pointers ``a_rows``/``b_rows``,
-    looping over D in BLOCK_D chunks; out-of-range rows and the D tail load as 0."""
+def logits_tile(i_rows, t_rows, mask_m, mask_n, D, scale, bias, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """X = scale·I_blk·T_blkᵀ + bias (BLOCK_M × BLOCK_N, fp32) for row base pointers
+    ``i_rows``/``t_rows``, looping over D in BLOCK_D chunks (the pipelined loop); padding rows
+    and the D tail load as 0. Every kernel of a family forms its logits here with the same
+    block sizes, in this orientation, so recomputed tiles equal the forward's bit for bit."""
     offs_d = tl.arange(0, BLOCK_D)
-    s = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
+    s = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + offs_d
         mask_d = cols < D
-        a = load_rows(a_rows, cols, mask_a, mask_d, INPUT_PRECISION)
-        b = load_rows(b_rows, cols, mask_b, mask_d, INPUT_PRECISION)
+        a = load_rows(i_rows, cols, mask_m, mask_d, INPUT_PRECISION)
+        b = load_rows(t_rows, cols, mask_n, mask_d, INPUT_PRECISION)
         s = tl.dot(a, tl.trans(b), s, input_precision=INPUT_PRECISION)
-    return s
+    return s * scale + bias
 
 
 @triton.jit
-def cast_for_dot(p, like, INPUT_PRECISION: tl.constexpr):
-    """An fp32 weight tile as the left operand of a second tl.dot against ``like``'s dtype
-    (TF32-rounded for TF32 dots; fp16/bf16 operands: the caller pre-scales by CAST_SCALE)."""
+def cast_for_dot(w, dtype, INPUT_PRECISION: tl.constexpr):
+    """An fp32 weight tile as an operand of a second tl.dot on features of ``dtype``
+    (TF32-rounded for TF32 dots; fp16/bf16: the caller pre-scales by a power of two)."""
     if INPUT_PRECISION == "tf32":
-        p = round_tf32(p)
-    return p.to(like.dtype)
+        w = round_tf32(w)
+    return w.to(dtype)
+
+
+@triton.jit
+def accumulate_slices(out_rows, mask_out, w, src_rows, mask_src, D, has_prev, last, unscale,
+                      ATOMIC: tl.constexpr, BLOCK_DV: tl.constexpr,
+                      INPUT_PRECISION: tl.constexpr):
+    """out[r, :D] += unscale·(w·src)[r, :D] for a weight tile ``w`` (R × C, cast for the dot)
+    and the C source rows ``src_rows``, one BLOCK_DV slice of D at a time, in global memory.
+
+    ATOMIC: fp32 atomic adds (other programs add to the same rows). Otherwise the program owns
+    the rows: read-modify-write, reading only when ``has_prev`` (false on the first tile: the
+    buffer is uninitialised), and the power-of-two ``unscale`` applied on the ``last`` tile.
+    The caller puts a barrier between tiles: a tile's stores and the next tile's loads of the
+    same addresses may be issued by different threads.
+    """
+    # Scalar conditions join masks through tl.where: the interpreter turns (vector & scalar)
+    # masks into integers, which its tl.load rejects.
+    offs_v = tl.arange(0, BLOCK_DV)
+    for v0 in range(0, D, BLOCK_DV):
+        cols = v0 + offs_v
+        mask_v = cols < D
+        src = load_rows(src_rows, cols, mask_src, mask_v, INPUT_PRECISION)
+        ptrs = out_rows[:, None] + cols[None, :]
+        mask = mask_out[:, None] & mask_v[None, :]
+        if ATOMIC:
+            part = tl.dot(w, src, input_precision=INPUT_PRECISION)
+            tl.atomic_add(ptrs, part * unscale, mask=mask, sem="relaxed")
+        else:
+            acc = tl.load(ptrs, mask=tl.where(has_prev, mask, False), other=0.0)
+            acc = tl.dot(w, src, acc, input_precision=INPUT_PRECISION)
+            tl.store(ptrs, acc * tl.where(last, unscale, 1.0), mask=mask)
+
+
+@triton.jit
+def store_rows(out_rows, mask_out, acc, D, ATOMIC: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """Write a register accumulator (R × BLOCK_DV, D ≤ BLOCK_DV) to its rows: a plain store
+    for an owner program, an atomic add when other programs add to the same rows."""
+    cols = tl.arange(0, BLOCK_DV)
+    ptrs = out_rows[:, None] + cols[None, :]
+    mask = mask_out[:, None] & (cols < D)[None, :]
+    if ATOMIC:
+        tl.atomic_add(ptrs, acc, mask=mask, sem="relaxed")
+    else:
+        tl.store(ptrs, acc, mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -145,15 +211,53 @@ def input_precision(fam: str) -> str:
 
 
 def config(configs: dict, interpret_configs: dict, kernel: str, fam: str, D: int) -> dict:
-    """Launch config (block sizes, warps, stages, INPUT_PRECISION) of ``kernel``; BLOCK_D-like
-    sizes shrink to next_pow2(D) for small D (≥ 16, the smallest tl.dot)."""
-    cfg = dict(interpret_configs[kernel] if INTERPRET else configs[kernel][fam])
+    """Launch config (block sizes, warps, stages, INPUT_PRECISION) of ``kernel``: its GPU
+    config (``gpu_config``) or, under the interpreter, its interpreter config."""
+    if INTERPRET:
+        return sized(interpret_configs[kernel], fam, D)
+    return gpu_config(configs, kernel, fam, D)
+
+
+def gpu_config(configs: dict, kernel: str, fam: str, D: int) -> dict:
+    """The GPU launch config of ``kernel`` for family ``fam`` at width D (gpu-report's FLOP
+    counts use it whatever the process's mode)."""
+    return sized(configs[kernel][fam], fam, D)
+
+
+def sized(cfg: dict, fam: str, D: int) -> dict:
+    """BLOCK_D-like sizes shrunk to next_pow2(D) for small D (≥ 16, the smallest tl.dot)."""
+    cfg = dict(cfg)
     d_pow2 = max(16, triton.next_power_of_2(D))
     for key in ("BLOCK_D", "BLOCK_DV"):
         if key in cfg:
             cfg[key] = min(cfg[key], d_pow2)
     cfg["INPUT_PRECISION"] = input_precision(fam)
     return cfg
+
+
+def deterministic() -> bool:
+    """Whether the kernels must give run-to-run identical results (no atomics): torch's
+    ``torch.use_deterministic_algorithms`` switch, read once per op call."""
+    return torch.are_deterministic_algorithms_enabled()
+
+
+def column_splits(row_programs: int, col_tiles: int) -> tuple[int, int]:
+    """(splits, tiles per split) of the column tiles so that ``row_programs`` × splits is
+    about ``PROGRAMS``; every split gets at least one tile."""
+    splits = min(col_tiles, max(1, triton.cdiv(PROGRAMS, row_programs)))
+    per_split = triton.cdiv(col_tiles, splits)
+    return triton.cdiv(col_tiles, per_split), per_split
+
+
+def weight_scale(*weights: torch.Tensor) -> torch.Tensor:
+    """[f, 1/f], f = 2^(CAST_EXPONENT − e) with max|w| = m·2^e (m in [0.5, 1)): the exact
+    power of two that brings the largest weight to just under 2^14 before a weight tile is
+    cast to fp16 (entries then stay above fp16's subnormal range down to ~4e-9 of the largest).
+    A device tensor: no host sync. The exponent is clamped so both factors stay normal."""
+    w_max = torch.stack([w.abs().amax() for w in weights]).amax()
+    exponent = CAST_EXPONENT - torch.frexp(w_max).exponent.clamp(-112, 140)
+    one = torch.ones((), dtype=torch.float32, device=w_max.device)
+    return torch.stack([torch.ldexp(one, exponent), torch.ldexp(one, -exponent)]).float()
 
 
 def aligned_rows(x: torch.Tensor, width: int) -> torch.Tensor:
@@ -216,19 +320,23 @@ def all_specs() -> list[dict]:
     return [spec for provider in _SPEC_PROVIDERS for spec in provider()]
 
 
-def compile_spec(kernel: str, fn, signature: dict, configs: dict, fam: str, aligned,
-                 **constexprs) -> dict:
-    """One spec: the shipped config of ``kernel`` for ``fam`` at full block sizes (large D).
-    ``signature`` maps argument names to Triton types, "*features" standing for the family's
-    input dtype; ``aligned`` names the arguments the wrappers guarantee 16-divisible (marked
-    with ``tt.divisibility`` as the JIT would specialize them at run time)."""
-    cfg = configs[kernel][fam]
+def compile_spec(kernel: str, fn, signature: dict, cfg: dict, fam: str, aligned, *, op: str,
+                 path: str, flops, **constexprs) -> dict:
+    """One spec: the shipped config ``cfg`` of ``kernel`` for ``fam``. ``signature`` maps
+    argument names to Triton types, "*features" standing for the family's input dtype;
+    ``aligned`` names the arguments the wrappers guarantee 16-divisible (marked with
+    ``tt.divisibility`` as the JIT would specialize them at run time).
+
+    ``op`` and ``path`` ("deterministic", "atomic", "forward" for both, "loss-only") group the
+    kernels of one loss evaluation; ``flops(B, D)`` is the FLOPs this kernel executes for
+    M = N = B (padding included) when it is the variant launched at that D, else None."""
     t = SPEC_DTYPES[fam]
     constexprs = dict(constexprs, INPUT_PRECISION=input_precision(fam),
                       **{key: value for key, value in cfg.items() if key.startswith("BLOCK_")})
     signature = {name: f"*{t}" if ty == "*features" else ty for name, ty in signature.items()}
     return dict(
         name=f"{kernel}[{t}]" if fam == "16bit" else f"{kernel}[fp32,{fam}]",
+        op=op, path=path, family=fam, flops=flops,
         fn=fn,
         signature={**signature, **{name: "constexpr" for name in constexprs}},
         constexprs=constexprs,
@@ -236,3 +344,12 @@ def compile_spec(kernel: str, fn, signature: dict, configs: dict, fam: str, alig
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
+
+
+def tile_flops(rows: int, cols: int, depth: int, block_rows: int, block_cols: int,
+               block_depth: int) -> int:
+    """FLOPs of one tl.dot sweep over a rows × cols tile grid with reduction depth ``depth``,
+    as executed: every dimension rounded up to its block (masked lanes still multiply)."""
+    def up(n, b):
+        return triton.cdiv(n, b) * b
+    return 2 * up(rows, block_rows) * up(cols, block_cols) * up(depth, block_depth)

@@ -10,28 +10,33 @@ reductions, collectives) is O(B·D) PyTorch shared by all backends in infonce.py
   siglip_pass(I, T, s, b, offset, want_grad)  -> Σ softplus(−z·X), A_I = G·T, A_T = Gᵀ·I, ΣG
         with z_ij = +1 iff j = i + offset, G = ∂/∂X of the loss sum
 
-C++ (csrc/contrastive/) computes row and column quantities in one pass; Triton
-(infonce_triton.py, siglip_triton.py) runs its one-sided kernels with the roles of I and T
-swapped for the column side.
+C++ (csrc/contrastive/) and Triton (infonce_triton.py, siglip_triton.py) both compute row and
+column quantities from one computation of each tile (Triton's deterministic backward computes
+each tile twice: once per output side, see infonce_triton.py).
 """
 from __future__ import annotations
 
 
 class TritonPrimitives:
-    """The Triton kernels, with the fp32 product precision fixed for the call (``tf32``)."""
+    """The Triton kernels, with the fp32 product precision fixed for the call (``tf32``).
+
+    ``grad`` and ``siglip_pass`` take the atomic path (each tile computed once, gradient rows
+    added with fp32 atomics) unless torch's deterministic mode is on; ``lse`` is always
+    deterministic. Logits are never kept: ``keep`` is ignored and ``tiles`` is empty."""
+
+    name = "triton"
 
     def __init__(self, tf32: bool):
         self.tf32 = tf32
 
-    def lse(self, i, t, scale, bias):
+    def lse(self, i, t, scale, bias, offset, keep):
         from .infonce_triton import infonce_lse
-        return infonce_lse(i, t, scale, bias, self.tf32), infonce_lse(t, i, scale, bias, self.tf32)
+        return (*infonce_lse(i, t, scale, bias, offset, self.tf32), i.new_empty(0))
 
-    def grad(self, i, t, scale, bias, row_lse, col_lse, row_w, col_w):
+    def grad(self, i, t, scale, bias, row_lse, col_lse, row_w, col_w, offset, tiles):
         from .infonce_triton import infonce_grad
-        a_i, psum = infonce_grad(i, t, scale, bias, row_lse, col_lse, row_w, col_w, self.tf32)
-        a_t, _ = infonce_grad(t, i, scale, bias, col_lse, row_lse, col_w, row_w, self.tf32)
-        return a_i, a_t, psum
+        return infonce_grad(i, t, scale, bias, row_lse, col_lse, row_w, col_w, offset,
+                            self.tf32)
 
     def siglip_pass(self, i, t, scale, bias, offset, want_grad):
         from .siglip_triton import siglip_pass

@@ -2,9 +2,16 @@
 and sm_90 without a GPU and print what the hardware would see.
 
 One row per kernel × config × arch: registers, shared memory, stack and local memory (spills)
-from the cubin (triton's bundled ``cuobjdump --dump-resource-usage``), and whether the PTX uses
-tensor-core instructions (mma / wgmma). Exits non-zero on spills or on shared memory over the
-architecture's per-block limit, so CI catches a config that would fail or crawl on a GPU.
+from the cubin (triton's bundled ``cuobjdump --dump-resource-usage``), whether the PTX uses
+tensor-core instructions (mma / wgmma), and the FLOPs the kernel executes per B²·D at
+B = 16384 for D = 512 and 1024 ("-" where the host launches another variant of the kernel at
+that D). Exits non-zero on spills or on shared memory over the architecture's per-block limit,
+so CI catches a config that would fail or crawl on a GPU.
+
+A second table adds the kernels of one forward + backward per op, precision and path and
+divides by the nominal work (8·B²·D InfoNCE, 6·B²·D SigLIP): the FLOPs a design spends
+beyond the minimum (e.g. the second computation of each tile that a deterministic backward
+pays instead of atomics).
 """
 from __future__ import annotations
 
@@ -15,6 +22,9 @@ import sys
 import tempfile
 
 ARCHS = {80: 163 * 1024, 90: 227 * 1024}  # usable shared memory per block (bytes)
+FLOP_B = 16384
+FLOP_DS = (512, 1024)
+NOMINAL = {"infonce": 8, "siglip": 6}  # FLOPs / (B²·D) of forward + backward
 
 
 def _cuobjdump() -> str:
@@ -71,9 +81,35 @@ def compile_all():
                 "local_bytes": usage.get("LOCAL", 0),
                 "wgmma": "wgmma" in ptx,
                 "mma": bool(re.search(r"\bmma\.sync", ptx)),
+                "flops_per_b2d": [_per_b2d(spec, d) for d in FLOP_DS],
                 "ok": not problems,
                 "problems": problems,
             }
+
+
+def _per_b2d(spec: dict, d: int):
+    flops = spec["flops"](FLOP_B, d)
+    return None if flops is None else flops / (FLOP_B**2 * d)
+
+
+def work_summary(specs: list[dict]) -> list[dict]:
+    """Executed FLOPs of one forward + backward (or of a loss-only evaluation) per op,
+    precision family and path, over the nominal work, at B = FLOP_B and each D of FLOP_DS."""
+    rows = []
+    for op in sorted({s["op"] for s in specs}):
+        for fam in dict.fromkeys(s["family"] for s in specs):
+            mine = [s for s in specs if s["op"] == op and s["family"] == fam]
+            paths = [p for p in dict.fromkeys(s["path"] for s in mine) if p != "forward"]
+            for path in paths:
+                kernels = [s for s in mine if s["path"] in (path, "forward")]
+                ratios = []
+                for d in FLOP_DS:
+                    executed = sum(f for f in (s["flops"](FLOP_B, d) for s in kernels) if f)
+                    # A loss-only evaluation's nominal work is one product of the logits.
+                    nominal = (2 if path == "loss-only" else NOMINAL[op]) * FLOP_B**2 * d
+                    ratios.append(executed / nominal)
+                rows.append({"op": op, "family": fam, "path": path, "ratios": ratios})
+    return rows
 
 
 def main(argv: list[str]) -> int:
@@ -87,18 +123,31 @@ def main(argv: list[str]) -> int:
     except ImportError:
         print("gpu-report: triton is not installed (pip install triton)", file=sys.stderr)
         return 1
-    header = f"{'kernel':<26} {'arch':<6} {'regs':>4} {'shared':>8} {'stack':>5} {'local':>5} " \
-             f"{'mma':<5} {'wgmma':<5} status  config"
+    flop_cols = " ".join(f"{'D=' + str(d):>6}" for d in FLOP_DS)
+    header = f"{'kernel':<38} {'arch':<6} {'regs':>4} {'shared':>8} {'stack':>5} {'local':>5} " \
+             f"{'mma':<5} {'wgmma':<5} {flop_cols} status  config"
+    print(f"FLOPs executed per B²·D at B = {FLOP_B} in columns D=...")
     print(header)
     print("-" * len(header))
     failed = 0
     for row in compile_all():
         status = "ok" if row["ok"] else "FAIL: " + ", ".join(row["problems"])
         failed += not row["ok"]
-        print(f"{row['kernel']:<26} {row['arch']:<6} {row['registers']:>4} "
+        flops = " ".join(f"{'-' if f is None else format(f, '.2f'):>6}"
+                         for f in row["flops_per_b2d"])
+        print(f"{row['kernel']:<38} {row['arch']:<6} {row['registers']:>4} "
               f"{row['shared_bytes']:>8} {row['stack_bytes']:>5} {row['local_bytes']:>5} "
-              f"{str(row['mma']):<5} {str(row['wgmma']):<5} {status:<7} {row['config']}",
-              flush=True)
+              f"{str(row['mma']):<5} {str(row['wgmma']):<5} {flops} {status:<7} "
+              f"{row['config']}", flush=True)
+    from .._triton import all_specs
+    print(f"\nExecuted FLOPs / nominal (InfoNCE 8·B²·D, SigLIP 6·B²·D forward + backward; "
+          f"loss only: 2·B²·D) at B = {FLOP_B}")
+    print(f"{'op':<8} {'precision':<10} {'path':<14} " + " ".join(f"{'D=' + str(d):>7}"
+                                                               for d in FLOP_DS))
+    for row in work_summary(all_specs()):
+        fam = {"16bit": "bf16/fp16", "tf32": "fp32/tf32", "ieee": "fp32/ieee"}[row["family"]]
+        print(f"{row['op']:<8} {fam:<10} {row['path']:<14} "
+              + " ".join(f"{r:>6.2f}×" for r in row["ratios"]))
     if failed:
         print(f"gpu-report: {failed} kernel configs spill or exceed shared memory",
               file=sys.stderr)
