@@ -78,7 +78,8 @@ def unavailable_reasons() -> dict[str, str]:
 def fp32_uses_tf32() -> bool:
     """Whether Triton's fp32 products may use TF32 tensor cores: torch's own switch,
     ``torch.set_float32_matmul_precision`` ("highest", torch's default, means exact fp32).
-    An op reads it once per call and hands it to its backward, so both always agree."""
+    An op reads it once per call, inside its custom op (torch.compile cannot trace the query),
+    and hands it to its backward, so both always agree."""
     return torch.get_float32_matmul_precision() != "highest"
 
 

@@ -44,6 +44,13 @@ def _rowdot(a: Tensor, b: Tensor) -> Tensor:
 KEEP_LOGITS_BYTES = 256 * 2**20
 
 
+def _tf32(backend: str, features: Tensor) -> bool:
+    """Whether this call's fp32 products run on TF32 (Triton only; torch's switch, see
+    ``_dispatch.fp32_uses_tf32``). Read inside the custom ops, which torch.compile does not
+    trace, and carried from the forward to the backward."""
+    return backend == "triton" and features.dtype == torch.float32 and _dispatch.fp32_uses_tf32()
+
+
 def keep_logits(backend: str, m: int, n: int, dtype: torch.dtype, want_grad: bool) -> bool:
     """Whether the forward keeps its logits for the backward (C++ backend, small B only)."""
     itemsize = torch.finfo(_validate.compute_dtype(dtype)).bits // 8
@@ -147,32 +154,35 @@ def _backward(prims, comm: Comm, grad, image, text, scale, bias, row_lse, col_ls
 
 @torch.library.custom_op("mmkernels::infonce_fwd", mutates_args=())
 def infonce_fwd(image: Tensor, text: Tensor, scale: Tensor, bias: Optional[Tensor],
-                label_smoothing: float, backend: str, tf32: bool,
-                keep_logits: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                label_smoothing: float, backend: str,
+                keep_logits: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Per-pair losses, row and column LSE (B,), the pairs' excesses (B, 2) (float32/float64),
-    and the logits (B, B) when ``keep_logits``, else an empty tensor."""
-    return _forward(primitives(backend, tf32), LOCAL, image, text, scale, bias, label_smoothing,
-                    keep_logits)
+    the logits (B, B) when ``keep_logits`` (else empty), and whether fp32 products ran on TF32
+    (a 0-dim bool CPU tensor, handed to the backward so that both agree)."""
+    tf32 = _tf32(backend, image)
+    out = _forward(primitives(backend, tf32), LOCAL, image, text, scale, bias, label_smoothing,
+                   keep_logits)
+    return (*out, torch.tensor(tf32))
 
 
 @infonce_fwd.register_fake
-def _(image, text, scale, bias, label_smoothing, backend, tf32, keep_logits):
+def _(image, text, scale, bias, label_smoothing, backend, keep_logits):
     acc = _validate.compute_dtype(image.dtype)
     b = image.shape[0]
     tiles = image.new_empty((b, b) if keep_logits else (0,), dtype=acc)
     return (*(image.new_empty(b, dtype=acc) for _ in range(3)), image.new_empty(b, 2, dtype=acc),
-            tiles)
+            tiles, torch.empty((), dtype=torch.bool))
 
 
 @torch.library.custom_op("mmkernels::infonce_bwd", mutates_args=())
 def infonce_bwd(grad: Tensor, image: Tensor, text: Tensor, scale: Tensor, bias: Optional[Tensor],
                 row_lse: Tensor, col_lse: Tensor, excess: Tensor, logits: Tensor,
                 label_smoothing: float, backend: str,
-                tf32: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                tf32: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients w.r.t. image, text, scale and bias (bias gradient returned even if unused);
-    all contiguous."""
-    return _backward(primitives(backend, tf32), LOCAL, grad, image, text, scale, bias, row_lse,
-                     col_lse, excess, label_smoothing, logits)
+    all contiguous. ``tf32`` is the forward's choice (a 0-dim bool CPU tensor)."""
+    return _backward(primitives(backend, bool(tf32)), LOCAL, grad, image, text, scale, bias,
+                     row_lse, col_lse, excess, label_smoothing, logits)
 
 
 @infonce_bwd.register_fake
@@ -185,22 +195,22 @@ def _(grad, image, text, scale, bias, row_lse, col_lse, excess, logits, label_sm
 
 
 def _setup_context(ctx, inputs, output):
-    image, text, scale, bias, label_smoothing, backend, tf32, keep_logits = inputs
+    image, text, scale, bias, label_smoothing, backend, keep_logits = inputs
     ctx.save_for_backward(image, text, scale, bias, *output[1:])
-    ctx.label_smoothing, ctx.backend, ctx.tf32 = label_smoothing, backend, tf32
+    ctx.label_smoothing, ctx.backend = label_smoothing, backend
 
 
 def _autograd_backward(ctx, grad_loss, *_unused):
-    image, text, scale, bias, row_lse, col_lse, excess, logits = ctx.saved_tensors
+    image, text, scale, bias, row_lse, col_lse, excess, logits, tf32 = ctx.saved_tensors
     if torch.is_grad_enabled():
         # create_graph=True: the gradient must itself be differentiable.
         grads = reference.double_backward(reference.infonce_loss, grad_loss,
                                           (image, text, scale, bias), ctx.label_smoothing)
     else:
         grads = infonce_bwd(grad_loss, image, text, scale, bias, row_lse, col_lse, excess,
-                            logits, ctx.label_smoothing, ctx.backend, ctx.tf32)
+                            logits, ctx.label_smoothing, ctx.backend, tf32)
     d_image, d_text, d_scale, d_bias = grads
-    return d_image, d_text, d_scale, (None if bias is None else d_bias), None, None, None, None
+    return d_image, d_text, d_scale, (None if bias is None else d_bias), None, None, None
 
 
 infonce_fwd.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -308,7 +318,6 @@ def infonce_loss(image_features: Tensor, text_features: Tensor, logit_scale,
                                      "text_features": text_features})
     comm = resolve(OP, distributed, group, image_features)
     eps = float(label_smoothing)
-    tf32 = name == "triton" and _dispatch.fp32_uses_tf32()
     local_loss, gather_with_grad = bool(local_loss), bool(gather_with_grad)
     if name == "reference":
         per_pair = reference.infonce_loss(image_features, text_features, scale, bias, eps, comm,
@@ -319,10 +328,10 @@ def infonce_loss(image_features: Tensor, text_features: Tensor, logit_scale,
             for t in (image_features, text_features, scale, bias))
         keep = keep_logits(name, image_features.shape[0], text_features.shape[0],
                            image_features.dtype, want_grad)
-        per_pair = infonce_fwd(image_features, text_features, scale, bias, eps, name, tf32,
-                               keep)[0]
+        per_pair = infonce_fwd(image_features, text_features, scale, bias, eps, name, keep)[0]
     else:
         per_pair = _DistributedInfoNCE.apply(image_features, text_features, scale, bias, eps,
-                                             primitives(name, tf32), comm, local_loss,
+                                             primitives(name, _tf32(name, image_features)),
+                                             comm, local_loss,
                                              gather_with_grad)
     return _reduce(per_pair, reduction)

@@ -20,7 +20,7 @@ from .. import _dispatch, _validate
 from .._dispatch import TRITON_DTYPES, Impl
 from ..distributed import LOCAL, Comm, resolve
 from . import reference
-from .infonce import _rowdot
+from .infonce import _rowdot, _tf32
 from .primitives import primitives
 
 OP = "siglip_loss"
@@ -49,15 +49,15 @@ def _forward(prims, comm: Comm, image, text, scale, bias, want_grad: bool):
 
 @torch.library.custom_op("mmkernels::siglip_fwd", mutates_args=())
 def siglip_fwd(image: Tensor, text: Tensor, scale: Tensor, bias: Optional[Tensor],
-               want_grad: bool, backend: str,
-               tf32: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+               want_grad: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The loss and, when ``want_grad``, d loss / d(image, text, scale, bias) (contiguous);
     otherwise the four gradients are empty."""
-    return _forward(primitives(backend, tf32), LOCAL, image, text, scale, bias, want_grad)
+    return _forward(primitives(backend, _tf32(backend, image)), LOCAL, image, text, scale, bias,
+                    want_grad)
 
 
 @siglip_fwd.register_fake
-def _(image, text, scale, bias, want_grad, backend, tf32):
+def _(image, text, scale, bias, want_grad, backend):
     acc = _validate.compute_dtype(image.dtype)
     loss = image.new_empty((), dtype=acc)
     if not want_grad:
@@ -77,7 +77,7 @@ def _scaled_grads(grad, image, text, scale, bias, d_image, d_text, d_scale, d_bi
 
 
 def _setup_context(ctx, inputs, output):
-    image, text, scale, bias, want_grad, backend, tf32 = inputs
+    image, text, scale, bias, want_grad, backend = inputs
     ctx.save_for_backward(image, text, scale, bias, *output[1:])
 
 
@@ -89,7 +89,7 @@ def _autograd_backward(ctx, grad_loss, *_unused):
                                           (image, text, scale, bias))
     else:
         grads = _scaled_grads(grad_loss, image, text, scale, bias, *grads, LOCAL)
-    return tuple(grads) + (None, None, None)
+    return tuple(grads) + (None, None)
 
 
 siglip_fwd.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -129,13 +129,12 @@ def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logi
     bias = _validate.scalar(OP, "logit_bias", logit_bias, device, acc, optional=True)
     name = DISPATCH.select(backend, {"image_features": image_features,
                                      "text_features": text_features})
-    tf32 = name == "triton" and _dispatch.fp32_uses_tf32()
     comm = resolve(OP, distributed, group, image_features)
     if name == "reference":
         return reference.siglip_loss(image_features, text_features, scale, bias, comm)
     if comm is not LOCAL:
         return _DistributedSigLIP.apply(image_features, text_features, scale, bias,
-                                        primitives(name, tf32), comm)
+                                        primitives(name, _tf32(name, image_features)), comm)
     want_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (image_features, text_features, scale, bias))
-    return siglip_fwd(image_features, text_features, scale, bias, want_grad, name, tf32)[0]
+    return siglip_fwd(image_features, text_features, scale, bias, want_grad, name)[0]

@@ -24,8 +24,6 @@ class DensePrimitives:
     an oracle for the host-side math (diagonal, smoothing, collectives) independent of any
     kernel."""
 
-    name = "dense"
-
     @staticmethod
     def _x(i, t, scale, bias):
         x = scale.double() * (i.double() @ t.double().T)

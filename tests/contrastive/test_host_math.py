@@ -30,7 +30,11 @@ def test_infonce_host_math(b, d, eps, with_bias, keep):
     ref_grads = torch.autograd.grad((ref * weights).sum(), inputs)
     assert_close(loss, ref, FP64_RTOL, "loss")
     for name, g, r in zip(["image", "text", "scale", "bias"], grads, ref_grads):
-        assert_close(g, r, FP64_RTOL, f"d_{name}")
+        # InfoNCE's d_bias is analytically 0: a sum of O(Σ|w|) terms that cancel, so its floor
+        # is a few float64 roundings of that size.
+        atol = 64 * torch.finfo(torch.float64).eps * weights.abs().sum().item() \
+            if name == "bias" else None
+        assert_close(g, r, FP64_RTOL, f"d_{name}", atol)
 
 
 @pytest.mark.parametrize("b,d", [(1, 1), (2, 7), (7, 3), (33, 16)])

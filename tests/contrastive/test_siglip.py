@@ -36,9 +36,9 @@ def opcheck_calls(inputs, backend):
     op = torch.ops.mmkernels.siglip_fwd.default
     calls = []
     for b in (bias, None):
-        calls.append((op, (image, text, scale, b, True, backend, False)))
+        calls.append((op, (image, text, scale, b, True, backend)))
         plain = [None if x is None else x.detach() for x in (image, text, scale, b)]
-        calls.append((op, (*plain, False, backend, False)))
+        calls.append((op, (*plain, False, backend)))
     return calls
 
 
