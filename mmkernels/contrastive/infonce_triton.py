@@ -40,6 +40,26 @@ recomputing the logits with the forward's block shape (bit-identical tiles). Two
   ``_triton.PROGRAMS`` programs) fills the GPU at small B; A_I is then added atomically too.
   ΣP still goes through per-program partials (deterministic).
 
+Why the recomputed logits must equal the forward's bit for bit: P_ij = w·exp(X_ij − lse_i)
+compares a logit the backward computes with a log-sum-exp the forward reduced from its own
+copy of that logit. When one entry dominates its row (large scales, confident models), the
+forward's lse *is* that entry's logit, so P there is w·exp(0) = w exactly, whatever the rounding
+of X; but a recomputed logit one ulp away (0.008 at |X| = 1e5) gives w·e^±0.008, 0.8% off on
+the entry that carries the whole softmax, ~1000× the fp32 tolerance. No rounding argument
+bounds that below "bitwise equal", so every recomputation (row and column programs, both
+backward paths, SigLIP's two roles) goes through ``_triton.logits_tile`` with the forward's
+operand order (I-block · T-blockᵀ, the column roles transpose P, never the product), tile shape
+and tile origins (blocks start at multiples of BLOCK_M/BLOCK_N from 0 in every grid),
+D-chunking (BLOCK_D, in the same order), operand rounding (``round_tf32``) and elementwise
+formula (``s·scale + bias``, one expression in one helper: the compiler's FMA contraction, a
+per-process setting, treats it alike in every kernel).
+What it cannot fix: where two logits of a row or column nearly tie (within ~10), P depends on
+their difference, and each fp32 logit of 1e5 carries a rounding of eps·|X| ≈ 0.004 whatever
+the kernel: a ~0.4% error on the runner-up's P against a float64 oracle, the same for the C++
+backend. That is fp32's conditioning, not a recomputation error (the parity tests' floors
+scale with eps·|X| for it; tests/contrastive/test_triton_kernels.py's large-logit test draws
+one-hot inputs to isolate the bitwise property, where a mismatch shows as errors ~2e-3).
+
 Large D: no logit tile is recomputed per D-slice. The resident gradient block is held in
 registers when D fits one BLOCK_DV slice (D ≤ 32); above that the program accumulates into its
 output rows in global memory: per tile, P stays in registers and each BLOCK_DV slice of the
