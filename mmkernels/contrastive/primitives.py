@@ -4,11 +4,17 @@ Both losses reduce to these O(M·N·D)-work, O((M+N)·D)-memory passes over the 
 X = s·I·Tᵀ + b of I (M×D) and T (N×D); everything else (diagonal terms, label smoothing,
 reductions, collectives) is O(B·D) PyTorch shared by all backends in infonce.py / siglip.py.
 
-  lse(I, T, s, b)                             -> row_lse (M,), col_lse (N,)
-  grad(I, T, s, b, r, c, w_r, w_c)            -> A_I = P·T, A_T = Pᵀ·I, ΣP
-        with P_ij = w_r[i]·exp(X_ij − r_i) + w_c[j]·exp(X_ij − c_j)
+The positive of row i is column i + offset (rank·b in a distributed batch; absent when out of
+range).
+
+  lse(I, T, s, b, offset, keep)
+      -> LSE_{j≠i+offset} X_ij (M,), LSE_{i: i+offset≠j} X_ij (N,), X_{i,i+offset} (M,) as the
+         tile computed it (−inf where absent), and X itself when ``keep`` (else empty)
+  grad(I, T, s, b, r, c, w_r, w_c, offset, tiles)  -> A_I = P·T, A_T = Pᵀ·I, ΣP
+      with P_ij = w_r[i]·exp(X_ij − r_i) + w_c[j]·exp(X_ij − c_j) off the positives, 0 on them
+      (the host adds the positives' terms without cancellation); X read from ``tiles`` if kept
   siglip_pass(I, T, s, b, offset, want_grad)  -> Σ softplus(−z·X), A_I = G·T, A_T = Gᵀ·I, ΣG
-        with z_ij = +1 iff j = i + offset, G = ∂/∂X of the loss sum
+      with z_ij = +1 iff j = i + offset, G = ∂/∂X of the loss sum
 
 C++ (csrc/contrastive/) and Triton (infonce_triton.py, siglip_triton.py) both compute row and
 column quantities from one computation of each tile (Triton's deterministic backward computes
@@ -24,7 +30,6 @@ class TritonPrimitives:
     added with fp32 atomics) unless torch's deterministic mode is on; ``lse`` is always
     deterministic. Logits are never kept: ``keep`` is ignored and ``tiles`` is empty."""
 
-    name = "triton"
 
     def __init__(self, tf32: bool):
         self.tf32 = tf32
