@@ -3,7 +3,7 @@
 // cancellation); the backward turns each tile into softmax weights and feeds both gradient
 // GEMMs. The tiles are either recomputed in the backward (8 M N D FLOPs in all, never more
 // than a few bm x bn tiles of X held) or, when the caller asks the forward to keep them,
-// written straight into an M x N buffer by the forward and only read by the backward
+// copied by the forward into an M x N buffer and only read by the backward
 // (6 M N D FLOPs). See tiles.h for the tiling.
 //
 // Registers mmkernels::infonce_lse and mmkernels::infonce_grad (CPU kernels; fake tensor
@@ -16,6 +16,7 @@
 #include <tuple>
 #include <vector>
 
+#include "common/alloc.h"
 #include "contrastive/tiles.h"
 
 namespace mmk {
@@ -41,34 +42,40 @@ MMK_INLINE T scale_max_run(T* x, T* tmax, int64_t n, T s, T b, T m) {
 }
 
 // Pass 2 over a run of a tile row: sum of e^(X - off) along the row (returned) and
-// e^(X - tmax) added to the column sums tsum.
-template <typename T>
-MMK_INLINE T exp_sum_run(const T* x, const T* tmax, T* tsum, int64_t n, T off) {
+// e^(X - tmax) added to the column sums tsum. With kKeep, X is also copied to `keep` (a row
+// of the kept logits): fusing the copy here costs one store per element, where having BLAS
+// write the tile into the strided M x N buffer directly was measured 15-50% slower than into
+// the contiguous scratch tile.
+template <bool kKeep, typename T>
+MMK_INLINE T exp_sum_run(const T* x, const T* tmax, T* tsum, int64_t n, T off, T* keep) {
   T acc = 0;
 #pragma omp simd reduction(+ : acc)
   for (int64_t j = 0; j < n; ++j) {
-    acc += fast_exp(x[j] - off);
-    tsum[j] += fast_exp(x[j] - tmax[j]);
+    const T v = x[j];
+    acc += fast_exp(v - off);
+    tsum[j] += fast_exp(v - tmax[j]);
+    if (kKeep) keep[j] = v;
   }
   return acc;
 }
 
-// Folds one tile S (bm x bn raw dot products, leading dimension ld; overwritten with X) into
+// Folds one tile S (bm x bn raw dot products, leading dimension bn; overwritten with X) into
 // running row state (rmax/rsum, this chunk's view of the row block) and column state
 // (cmax/csum, owned by the chunk), leaving out the positives: tile row i has its positive in
 // tile column diag0 + i when has_pos and that is in [0, bn); its X goes to diag[dg + i]
-// instead of the sums. tmax/tsum are bn-long scratch. A running state (m, l) represents
-// sum exp(x) = l * e^m; a new maximum m' rescales l by e^(m - m'). Two passes over the tile:
-// the first finds the tile's row and column maxima so that the second can evaluate each
-// exponential only once per axis, already relative to the final offset.
-template <typename T>
-MMK_INLINE void lse_tile_impl(T* S, int64_t ld, int64_t bm, int64_t bn, T s, T b, bool has_pos,
-                              int64_t diag0, T* diag, int64_t dg, T* rmax, T* rsum, T* cmax,
-                              T* csum, T* tmax, T* tsum) {
+// instead of the sums. With keep non-null, X is also copied to keep (leading dimension ldk).
+// tmax/tsum are bn-long scratch. A running state (m, l) represents sum exp(x) = l * e^m; a
+// new maximum m' rescales l by e^(m - m'). Two passes over the tile: the first finds the
+// tile's row and column maxima so that the second can evaluate each exponential only once
+// per axis, already relative to the final offset.
+template <bool kKeep, typename T>
+MMK_INLINE void lse_tile_impl(T* S, int64_t bm, int64_t bn, T s, T b, bool has_pos,
+                              int64_t diag0, T* diag, int64_t dg, T* keep, int64_t ldk, T* rmax,
+                              T* rsum, T* cmax, T* csum, T* tmax, T* tsum) {
   const T ninf = neg_inf<T>();
   for (int64_t j = 0; j < bn; ++j) tmax[j] = ninf;
   for (int64_t i = 0; i < bm; ++i) {
-    T* x = S + i * ld;
+    T* x = S + i * bn;
     const int64_t d = diag0 + i;
     T m = ninf;
     const Runs r = runs_except(bn, has_pos, d);
@@ -82,6 +89,7 @@ MMK_INLINE void lse_tile_impl(T* S, int64_t ld, int64_t bm, int64_t bn, T s, T b
       const T v = s * x[d] + b;
       x[d] = v;
       diag[dg + i] = v;
+      if (kKeep) keep[i * ldk + d] = v;
     }
     const T m_new = max_of(rmax[i], m);
     // A row that is -inf everywhere so far has nothing to rescale (and -inf - -inf is NaN).
@@ -99,13 +107,15 @@ MMK_INLINE void lse_tile_impl(T* S, int64_t ld, int64_t bm, int64_t bn, T s, T b
     tsum[j] = T(0);
   }
   for (int64_t i = 0; i < bm; ++i) {
-    const T* x = S + i * ld;
+    const T* x = S + i * bn;
+    T* const ki = kKeep ? keep + i * ldk : nullptr;
     const T off = rmax[i] == ninf ? T(0) : rmax[i];
     T acc = 0;
     const Runs r = runs_except(bn, has_pos, diag0 + i);
     for (int k = 0; k < r.n; ++k) {
       const int64_t j0 = r.begin[k];
-      acc += exp_sum_run(x + j0, tmax + j0, tsum + j0, r.end[k] - j0, off);
+      acc += exp_sum_run<kKeep>(x + j0, tmax + j0, tsum + j0, r.end[k] - j0, off,
+                                kKeep ? ki + j0 : nullptr);
     }
     rsum[i] += acc;
   }
@@ -114,37 +124,52 @@ MMK_INLINE void lse_tile_impl(T* S, int64_t ld, int64_t bm, int64_t bn, T s, T b
   for (int64_t j = 0; j < bn; ++j) csum[j] += tsum[j];
 }
 
-MMK_MULTIVERSION void lse_tile(float* S, int64_t ld, int64_t bm, int64_t bn, float s, float b,
-                               bool has_pos, int64_t diag0, float* diag, int64_t dg, float* rmax,
-                               float* rsum, float* cmax, float* csum, float* tmax, float* tsum) {
-  lse_tile_impl<float>(S, ld, bm, bn, s, b, has_pos, diag0, diag, dg, rmax, rsum, cmax, csum,
-                       tmax, tsum);
+template <typename T>
+MMK_INLINE void lse_tile_any(T* S, int64_t bm, int64_t bn, T s, T b, bool has_pos, int64_t diag0,
+                             T* diag, int64_t dg, T* keep, int64_t ldk, T* rmax, T* rsum, T* cmax,
+                             T* csum, T* tmax, T* tsum) {
+  if (keep != nullptr) {
+    lse_tile_impl<true, T>(S, bm, bn, s, b, has_pos, diag0, diag, dg, keep, ldk, rmax, rsum,
+                           cmax, csum, tmax, tsum);
+  } else {
+    lse_tile_impl<false, T>(S, bm, bn, s, b, has_pos, diag0, diag, dg, keep, ldk, rmax, rsum,
+                            cmax, csum, tmax, tsum);
+  }
 }
 
-void lse_tile(double* S, int64_t ld, int64_t bm, int64_t bn, double s, double b, bool has_pos,
-              int64_t diag0, double* diag, int64_t dg, double* rmax, double* rsum, double* cmax,
-              double* csum, double* tmax, double* tsum) {
-  lse_tile_impl<double>(S, ld, bm, bn, s, b, has_pos, diag0, diag, dg, rmax, rsum, cmax, csum,
-                        tmax, tsum);
+MMK_MULTIVERSION void lse_tile(float* S, int64_t bm, int64_t bn, float s, float b, bool has_pos,
+                               int64_t diag0, float* diag, int64_t dg, float* keep, int64_t ldk,
+                               float* rmax, float* rsum, float* cmax, float* csum, float* tmax,
+                               float* tsum) {
+  lse_tile_any<float>(S, bm, bn, s, b, has_pos, diag0, diag, dg, keep, ldk, rmax, rsum, cmax,
+                      csum, tmax, tsum);
+}
+
+void lse_tile(double* S, int64_t bm, int64_t bn, double s, double b, bool has_pos, int64_t diag0,
+              double* diag, int64_t dg, double* keep, int64_t ldk, double* rmax, double* rsum,
+              double* cmax, double* csum, double* tmax, double* tsum) {
+  lse_tile_any<double>(S, bm, bn, s, b, has_pos, diag0, diag, dg, keep, ldk, rmax, rsum, cmax,
+                       csum, tmax, tsum);
 }
 
 // One sweep over the tiles of the kernel frame (rows of A against rows of B). Writes the
 // off-positive row and column LSE (kernel frame) and the positives' logits into diag (caller
 // frame: indexed by image row, i.e. by kernel column when the sides are swapped; entries
-// without a positive are left alone). With X defined ((rows x cols) contiguous) the tiles are
-// computed straight into X and left there as the logits; else into per-chunk scratch.
+// without a positive are left alone). With X defined ((rows x cols) contiguous) the logits
+// are also copied there.
 template <typename T>
 void lse_pass(const TilePlan& plan, const at::Tensor& A, const at::Tensor& B, T s, T b,
               const Positives& pos, bool swap, const at::Tensor& X, T* row_lse, T* col_lse,
               T* diag) {
   const T ninf = neg_inf<T>();
   const bool kept = X.defined();
-  // Per-chunk workspace: the tile (unless kept), then row max and row sum (bm each), then
-  // the column scratch of lse_tile (bn each).
-  const int64_t tile_len = kept ? 0 : plan.bm * plan.bn;
+  // Per-chunk workspace: the tile, then row max and row sum (bm each), then the column
+  // scratch of lse_tile (bn each).
+  const int64_t tile_len = plan.bm * plan.bn;
   const int64_t ws_len = tile_len + 2 * plan.bm + 2 * plan.bn;
   const at::Tensor ws = at::empty({plan.chunks, ws_len}, A.options());
   T* const ws0 = ws.data_ptr<T>();
+  T* const x0 = kept ? X.data_ptr<T>() : nullptr;
   // Column state lives for the whole pass; each entry is only touched by the chunk that
   // owns its column block.
   std::vector<T> cmax(plan.cols, ninf), csum(plan.cols, T(0));
@@ -169,19 +194,9 @@ void lse_pass(const TilePlan& plan, const at::Tensor& A, const at::Tensor& B, T 
       for (int64_t cb = plan.first_block(t); cb < plan.first_block(t + 1); ++cb) {
         const int64_t c0 = cb * plan.bn;
         const int64_t bn = plan.col_len(c0);
-        T* S;
-        int64_t ld;
-        if (kept) {
-          // BLAS writes a strided (leading dimension cols) block of X directly.
-          at::Tensor out = X.narrow(0, r0, bm).narrow(1, c0, bn);
-          at::mm_out(out, A_blk, B.narrow(0, c0, bn).t());
-          S = X.data_ptr<T>() + r0 * plan.cols + c0;
-          ld = plan.cols;
-        } else {
-          S = tile_logits(ws[t], A_blk, B, c0, bn).data_ptr<T>();
-          ld = bn;
-        }
-        lse_tile(S, ld, bm, bn, s, b, pos.any, pos.diag0(r0, c0), diag, dg, rmax, rsum,
+        T* const S = tile_logits(ws[t], A_blk, B, c0, bn).data_ptr<T>();
+        lse_tile(S, bm, bn, s, b, pos.any, pos.diag0(r0, c0), diag, dg,
+                 kept ? x0 + r0 * plan.cols + c0 : nullptr, plan.cols, rmax, rsum,
                  cmax.data() + c0, csum.data() + c0, tmax, tsum);
       }
     });
@@ -274,7 +289,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> infonce_lse(
   at::Tensor X_kernel;  // the kept logits in the kernel frame, (rows x cols) contiguous
   at::Tensor tiles;
   if (keep) {
-    X_kernel = swap ? at::empty({N, M}, f.I.options()) : at::empty({M, N}, f.I.options());
+    X_kernel = swap ? empty_huge_pages(N, M, f.I.options()) : empty_huge_pages(M, N, f.I.options());
     tiles = swap ? X_kernel.t() : X_kernel;
   } else {
     tiles = at::empty({0}, f.I.options());
@@ -315,8 +330,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_grad(
     TORCH_CHECK(tiles.scalar_type() == f.dtype, fn, ": tiles must have the compute dtype ",
                 f.dtype, ", got ", tiles.scalar_type());
   }
-  at::Tensor A_I = at::zeros_like(f.I);
-  at::Tensor A_T = at::zeros_like(f.T);
+  // Written in full by the pass (zeros when the other side is empty).
+  at::Tensor A_I = M > 0 && N > 0 ? at::empty_like(f.I) : at::zeros_like(f.I);
+  at::Tensor A_T = M > 0 && N > 0 ? at::empty_like(f.T) : at::zeros_like(f.T);
   double psum = 0;
   if (M > 0 && N > 0) {
     const bool swap = swap_sides(M, N);

@@ -108,8 +108,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_pass(
     const std::optional<at::Tensor>& bias, int64_t diag_offset, bool want_grad) {
   const Features f = prepare_features(I, T, scale, bias, "siglip_pass");
   const int64_t M = f.I.size(0), N = f.T.size(0);
-  at::Tensor A_I = want_grad ? at::zeros_like(f.I) : at::empty({0}, f.I.options());
-  at::Tensor A_T = want_grad ? at::zeros_like(f.T) : at::empty({0}, f.I.options());
+  // Written in full by the pass (zeros when the other side is empty).
+  const bool fill = M > 0 && N > 0;
+  at::Tensor A_I = !want_grad ? at::empty({0}, f.I.options())
+                   : fill     ? at::empty_like(f.I)
+                              : at::zeros_like(f.I);
+  at::Tensor A_T = !want_grad ? at::empty({0}, f.I.options())
+                   : fill     ? at::empty_like(f.T)
+                              : at::zeros_like(f.T);
   double loss = 0, gsum = 0;
   if (M > 0 && N > 0) {
     const bool swap = swap_sides(M, N);

@@ -102,9 +102,10 @@ inline at::Tensor tile_logits(const at::Tensor& buf, const at::Tensor& A_blk, co
 //   - kept (X defined, (rows x cols) contiguous, the forward's X = s A B^T + b): src points
 //     into X, ld == cols. X is only read (it may be saved for another backward).
 // If gA is defined the same W tile then feeds both products: the block's rows of gA = W B
-// (summed per chunk in a private bm x D buffer, the chunks merged after the parallel region)
-// and gB += W^T A (rows c0..c0+bn, owned by this chunk, so updated in place). gB must start
-// zeroed; gA is overwritten. Without gA only weight_tile runs.
+// (chunk 0 accumulates straight into gA, the other chunks in private bm x D buffers that are
+// added after the parallel region, in chunk order) and gB = sum over row blocks of W^T A
+// (rows c0..c0+bn, owned by this chunk, so written in place; the first row block overwrites
+// them). gA and gB need no initialisation. Without gA only weight_tile runs.
 template <typename scalar_t, typename WeightTile>
 void weighted_pass(const TilePlan& plan, const at::Tensor& A, const at::Tensor& B,
                    const at::Tensor& X, const at::Tensor& gA, const at::Tensor& gB,
@@ -113,14 +114,17 @@ void weighted_pass(const TilePlan& plan, const at::Tensor& A, const at::Tensor& 
   const bool kept = X.defined();
   const int64_t D = A.size(1);
   const at::Tensor tiles = at::empty({plan.chunks, plan.bm * plan.bn}, A.options());
-  const at::Tensor parts =
-      accumulate ? at::empty({plan.chunks, plan.bm, D}, A.options()) : at::Tensor();
+  const at::Tensor parts = accumulate && plan.chunks > 1
+                               ? at::empty({plan.chunks - 1, plan.bm, D}, A.options())
+                               : at::Tensor();
   const scalar_t* const x0 = kept ? X.data_ptr<scalar_t>() : nullptr;
   for (int64_t r0 = 0; r0 < plan.rows; r0 += plan.bm) {
     const int64_t bm = plan.row_len(r0);
     const at::Tensor A_blk = A.narrow(0, r0, bm);
     parallel_chunks(plan, [&](int64_t t) {
-      at::Tensor part = accumulate ? parts[t].narrow(0, 0, bm) : at::Tensor();
+      at::Tensor part = !accumulate ? at::Tensor()
+                        : t == 0    ? gA.narrow(0, r0, bm)
+                                    : parts[t - 1].narrow(0, 0, bm);
       for (int64_t cb = plan.first_block(t); cb < plan.first_block(t + 1); ++cb) {
         const int64_t c0 = cb * plan.bn;
         const int64_t bn = plan.col_len(c0);
@@ -140,14 +144,18 @@ void weighted_pass(const TilePlan& plan, const at::Tensor& A, const at::Tensor& 
         } else {
           part.addmm_(W, B_blk);
         }
-        gB.narrow(0, c0, bn).addmm_(W.t(), A_blk);
+        at::Tensor gB_blk = gB.narrow(0, c0, bn);
+        if (r0 == 0) {
+          at::mm_out(gB_blk, W.t(), A_blk);
+        } else {
+          gB_blk.addmm_(W.t(), A_blk);
+        }
       }
     });
     if (accumulate) {
       // Fixed chunk order: the result does not depend on thread scheduling.
       at::Tensor dst = gA.narrow(0, r0, bm);
-      dst.copy_(parts[0].narrow(0, 0, bm));
-      for (int64_t t = 1; t < plan.chunks; ++t) dst.add_(parts[t].narrow(0, 0, bm));
+      for (int64_t t = 1; t < plan.chunks; ++t) dst.add_(parts[t - 1].narrow(0, 0, bm));
     }
   }
 }
