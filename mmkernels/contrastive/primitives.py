@@ -30,7 +30,6 @@ class TritonPrimitives:
     added with fp32 atomics) unless torch's deterministic mode is on; ``lse`` is always
     deterministic. Logits are never kept: ``keep`` is ignored and ``tiles`` is empty."""
 
-
     def __init__(self, tf32: bool):
         self.tf32 = tf32
 
