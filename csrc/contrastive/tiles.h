@@ -2,13 +2,14 @@
 // the gradient-pass skeleton, and input preparation. Generic math lives in common/math.h,
 // generic argument checks in common/args.h.
 //
-// Every kernel here works on X = s * A B^T + b without ever holding the full X: the rows of
-// A are walked in blocks of `bm` rows (sequentially), and for each row block the columns
-// (rows of B) are split into blocks of `bn` that are handed out to threads in contiguous
-// "chunks". A column block belongs to exactly one chunk, so all per-column state (running
-// column max/sum, rows of the B-side gradient) is written by one thread without locks; the
-// per-row state of the current row block is kept per chunk and merged after the parallel
-// region. Extra memory is O(chunks * (bm * bn + bm * D)) plus O(rows + cols).
+// Every kernel here works on X = s * A B^T + b one tile at a time: the rows of A are walked in
+// blocks of `bm` rows (sequentially), and for each row block the columns (rows of B) are split
+// into blocks of `bn` that are handed out to threads in contiguous "chunks". A column block
+// belongs to exactly one chunk, so all per-column state (running column max/sum, rows of the
+// B-side gradient) is written by one thread without locks; the per-row state of the current
+// row block is kept per chunk and merged after the parallel region. Extra memory is
+// O(chunks * (bm * bn + bm * D)) plus O(rows + cols), plus the full X only when a caller asks
+// InfoNCE's forward to keep it for the backward.
 #pragma once
 
 #include <ATen/ATen.h>
