@@ -33,11 +33,6 @@ OP = "infonce_loss"
 DISPATCH = _dispatch.Op(OP, (Impl("reference"), Impl("cpu"), Impl("triton", TRITON_DTYPES)))
 
 
-def _rowdot(a: Tensor, b: Tensor) -> Tensor:
-    """⟨a_i, b_i⟩ for every row, without a (B, D) temporary."""
-    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
-
-
 #: Below this many bytes of logits (B² in the compute dtype: B = 8192 in fp32) the C++ backend
 #: keeps the forward's logit tiles for the backward instead of recomputing them: 6·B²·D FLOPs
 #: instead of 8·B²·D, for one B×B buffer (the eager formula holds about four).
@@ -142,9 +137,9 @@ def _backward(prims, comm: Comm, grad, image, text, scale, bias, row_lse, col_ls
             a_text.sub_(c * g_image)
     # ∂/∂s = Σ dX_ij·⟨I_i, T_j⟩ = ⟨I, dX·T⟩ (+ ⟨T, dXᵀ·I⟩ over our columns when the two paths
     # are apart); ∂/∂b = Σ dX_ij (analytically 0: each softmax sums to one).
-    d_scale = _rowdot(image_a, a_image).sum()
+    d_scale = torch.dot(image_a.reshape(-1), a_image.reshape(-1))
     if query_only:
-        d_scale = d_scale + _rowdot(text_a, a_text).sum()
+        d_scale = d_scale + torch.dot(text_a.reshape(-1), a_text.reshape(-1))
     d_bias = psum.to(acc) + diag_w.sum() - eps * grad.sum()
     d_image = a_image.mul_(scale_a).to(image.dtype)
     d_text = a_text.mul_(scale_a).to(text.dtype)
@@ -197,10 +192,15 @@ def _(grad, image, text, scale, bias, row_lse, col_lse, excess, logits, label_sm
 def _setup_context(ctx, inputs, output):
     image, text, scale, bias, label_smoothing, backend, keep_logits = inputs
     ctx.save_for_backward(image, text, scale, bias, *output[1:])
+    # Only the loss output is differentiated: without this autograd would build a zero B×B
+    # gradient for the kept logits on every backward.
+    ctx.set_materialize_grads(False)
     ctx.label_smoothing, ctx.backend = label_smoothing, backend
 
 
 def _autograd_backward(ctx, grad_loss, *_unused):
+    if grad_loss is None:  # the loss itself was not differentiated
+        return None, None, None, None, None, None, None
     image, text, scale, bias, row_lse, col_lse, excess, logits, tf32 = ctx.saved_tensors
     if torch.is_grad_enabled():
         # create_graph=True: the gradient must itself be differentiable.

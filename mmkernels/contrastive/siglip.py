@@ -20,7 +20,7 @@ from .. import _dispatch, _validate
 from .._dispatch import TRITON_DTYPES, Impl
 from ..distributed import LOCAL, Comm, resolve
 from . import reference
-from .infonce import _rowdot, _tf32
+from .infonce import _tf32
 from .primitives import primitives
 
 OP = "siglip_loss"
@@ -42,7 +42,7 @@ def _forward(prims, comm: Comm, image, text, scale, bias, want_grad: bool):
     if not want_grad:
         empty = image.new_empty(0, dtype=acc)
         return loss, empty, empty.clone(), empty.clone(), empty.clone()
-    d_scale = _rowdot(image.to(acc), a_image).sum() / b
+    d_scale = torch.dot(image.to(acc).reshape(-1), a_image.reshape(-1)) / b
     d_bias = gsum.to(acc) / b
     return loss, a_image.mul_(scale_a / b), a_text_all.mul_(scale_a / b), d_scale, d_bias
 
@@ -79,9 +79,12 @@ def _scaled_grads(grad, image, text, scale, bias, d_image, d_text, d_scale, d_bi
 def _setup_context(ctx, inputs, output):
     image, text, scale, bias, want_grad, backend = inputs
     ctx.save_for_backward(image, text, scale, bias, *output[1:])
+    ctx.set_materialize_grads(False)  # the gradient outputs are never differentiated
 
 
 def _autograd_backward(ctx, grad_loss, *_unused):
+    if grad_loss is None:  # the loss itself was not differentiated
+        return None, None, None, None, None, None
     image, text, scale, bias, *grads = ctx.saved_tensors
     if torch.is_grad_enabled():
         # create_graph=True: the saved gradients are constants; differentiate the formula.
