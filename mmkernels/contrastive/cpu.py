@@ -104,8 +104,6 @@ register_fakes()
 class CppPrimitives:
     """The tile primitives (see primitives.py) on the C++ kernels. Needs the extension."""
 
-    name = "cpu"
-
     @staticmethod
     def lse(i, t, scale, bias, offset, keep):
         return torch.ops.mmkernels.infonce_lse(i, t, scale, bias, offset, keep)
