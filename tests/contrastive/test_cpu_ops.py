@@ -196,16 +196,19 @@ def check(outs, refs, dtype, what):
         assert_close(out, ref, rtol_for(dtype), f"{what}[{k}]")
 
 
-def check_lse(outs, refs, dtype, what):
+def check_lse(outs, refs, dtype, what, magnitude):
     """Like check(), for outputs that are -inf where the reference is (no positive, or nothing
-    left once the positive is out)."""
+    left once the positive is out). An LSE or a logit carries the absolute rounding of logits
+    of size ``magnitude`` (max |X|), which matters where it is itself near 0."""
+    eps = torch.finfo(compute_dtype(dtype)).eps
     for k, (out, ref) in enumerate(zip(outs, refs)):
         assert out.dtype == compute_dtype(dtype), f"{what}[{k}]: dtype {out.dtype}"
         assert out.is_contiguous() and not out.requires_grad, f"{what}[{k}]"
         finite = torch.isfinite(ref)
         assert torch.equal(out == -float("inf"), ref == -float("inf")), f"{what}[{k}]: -inf"
         if finite.any():
-            assert_close(out[finite], ref[finite], rtol_for(dtype), f"{what}[{k}]")
+            atol = 8 * eps * (magnitude + 1) * finite.sum().item() ** 0.5
+            assert_close(out[finite], ref[finite], rtol_for(dtype), f"{what}[{k}]", atol)
 
 
 def lse_and_grad(i, t, scale, bias, offset, keep, dtype):
@@ -213,7 +216,7 @@ def lse_and_grad(i, t, scale, bias, offset, keep, dtype):
     m, n = i.shape[0], t.shape[0]
     outs = CppPrimitives.lse(i, t, scale, bias, offset, keep)
     refs = dense_lse(i, t, scale, bias, offset)
-    check_lse(outs[:3], refs[:3], dtype, "infonce_lse")
+    check_lse(outs[:3], refs[:3], dtype, "infonce_lse", refs[3].abs().max().item())
     tiles = outs[3]
     if keep:
         assert tiles.shape == (m, n) and tiles.dtype == compute_dtype(dtype)
