@@ -72,6 +72,9 @@ def _worker(rank, world, init_file, out_path):
         results[case] = (params, torch.stack(losses))
     if rank == 0:
         torch.save(results, out_path)
+    # Every rank done with its collectives before any tears gloo down (a rank closing its
+    # pairs while a peer still uses them can abort the peer at exit).
+    dist.barrier()
     dist.destroy_process_group()
 
 
@@ -148,6 +151,9 @@ def _open_clip_worker(rank, world, init_file, out_path):
     dist.all_gather_object(gathered, results)
     if rank == 0:
         torch.save(gathered, out_path)
+    # Every rank done with its collectives before any tears gloo down (a rank closing its
+    # pairs while a peer still uses them can abort the peer at exit).
+    dist.barrier()
     dist.destroy_process_group()
 
 
