@@ -59,6 +59,16 @@ def train(loss_name, backend, rank, world):
     return [p.detach().clone() for p in module.parameters()], first_loss
 
 
+def _finish(rank, results, out_path):
+    """Rank 0 saves the results; every rank is done with its collectives before any tears gloo
+    down (a rank closing its pairs while a peer still uses them can abort the peer at exit)."""
+    import torch.distributed as dist
+    if rank == 0:
+        torch.save(results, out_path)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def _worker(rank, world, init_file, out_path):
     import torch.distributed as dist
     torch.set_num_threads(1)
@@ -70,12 +80,7 @@ def _worker(rank, world, init_file, out_path):
         losses = [torch.empty_like(loss) for _ in range(world)]
         dist.all_gather(losses, loss)
         results[case] = (params, torch.stack(losses))
-    if rank == 0:
-        torch.save(results, out_path)
-    # Every rank done with its collectives before any tears gloo down (a rank closing its
-    # pairs while a peer still uses them can abort the peer at exit).
-    dist.barrier()
-    dist.destroy_process_group()
+    _finish(rank, results, out_path)
 
 
 @pytest.mark.slow
@@ -149,12 +154,7 @@ def _open_clip_worker(rank, world, init_file, out_path):
                     world)
     gathered = [None] * world
     dist.all_gather_object(gathered, results)
-    if rank == 0:
-        torch.save(gathered, out_path)
-    # Every rank done with its collectives before any tears gloo down (a rank closing its
-    # pairs while a peer still uses them can abort the peer at exit).
-    dist.barrier()
-    dist.destroy_process_group()
+    _finish(rank, gathered, out_path)
 
 
 @pytest.mark.slow
