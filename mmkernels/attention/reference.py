@@ -1,0 +1,124 @@
+"""Eager, materializing cross-attention: the oracle every kernel is tested against, and the
+fallback when no fast backend can run. It builds the (Lq × Lk) scores and lets autograd
+differentiate them (double backward included).
+
+Semantics every backend shares (``forward``'s contract):
+
+* dense: q (B, H, Lq, Dqk), k (B, Hk, Lk, Dqk), v (B, Hk, Lk, Dv); query head h reads K/V head
+  h // (H // Hk). ``key_padding_mask`` (B, Lk) bool, True = ignore that key.
+* varlen: q (Tq, H, Dqk), k (Tk, Hk, Dqk), v (Tk, Hk, Dv); sequence s owns query rows
+  cu_seqlens_q[s]:cu_seqlens_q[s+1] and key rows cu_seqlens_k[s]:cu_seqlens_k[s+1].
+* causal: query i of a sequence sees key j iff j <= i + (Lk - Lq) (bottom-right aligned).
+* a query row that sees no key at all gets out = 0, lse = +inf, and zero gradients.
+* out is in q's dtype; lse (B, H, Lq) dense, (H, Tq) varlen, in the compute dtype (float64
+  for float64 inputs, float32 otherwise) — log Σ_j exp(scale·q·k_j) over the keys it sees.
+* dropout: probabilities are kept where ``dropout_keep`` says, and scaled by 1/(1 − p). The
+  mask is a pure function of (seed, row, key) — row = the query row's flat index in lse,
+  key = the key's index within its sequence — so every backend draws the same mask and a
+  backward regenerates it instead of storing it.
+"""
+from __future__ import annotations
+
+import torch
+
+from .._validate import compute_dtype
+
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x · c) mod 2³² for x in [0, 2³²) held in int64, without int64 overflow."""
+    lo = (x & 0xFFFF) * c
+    hi = (((x >> 16) * c) & 0xFFFF) << 16
+    return (lo + hi) & _M32
+
+
+def _fmix32(x: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's 32-bit finalizer: a bijection of [0, 2³²) with good avalanche."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = _mul32(x, 0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def dropout_uniform(seed: int, rows: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """The counter-based uniform in [0, 1) (multiples of 2⁻²⁴, float64) that decides whether
+    probability (row, key) is kept: kept iff u >= dropout_p. ``rows``/``keys`` are int64
+    tensors that broadcast; ``seed`` an int in [0, 2⁶³). The C++ and Triton kernels compute
+    the same integers with uint32 arithmetic:
+
+        h = fmix32(fmix32(fmix32(key ^ seed_hi) ^ row) + seed_lo)    (mod 2³²)
+        u = (h >> 8) · 2⁻²⁴
+    """
+    seed_lo, seed_hi = seed & _M32, (seed >> 32) & _M32
+    h = _fmix32(keys ^ seed_hi)
+    h = _fmix32(h ^ rows)
+    h = _fmix32((h + seed_lo) & _M32)
+    return (h >> 8).to(torch.float64) * 2.0 ** -24
+
+
+def _dense(q, k, v, mask, causal, scale, dropout_p, seed, rows):
+    """One dense block: q (B, H, Lq, D), k (B, Hk, Lk, D), v (B, Hk, Lk, Dv), mask (B, Lk) or
+    None, rows (B, H, Lq) int64 (the dropout row ids). Returns out (acc dtype), lse."""
+    acc = compute_dtype(q.dtype)
+    B, H, Lq, _ = q.shape
+    Lk = k.shape[2]
+    group = H // k.shape[1]
+    qa, ka, va = q.to(acc), k.to(acc), v.to(acc)
+    if group > 1:
+        ka, va = ka.repeat_interleave(group, dim=1), va.repeat_interleave(group, dim=1)
+    s = (qa @ ka.transpose(-1, -2)) * scale
+    allowed = torch.ones(B, 1, Lq, Lk, dtype=torch.bool, device=q.device)
+    if mask is not None:
+        allowed = allowed & ~mask[:, None, None, :]
+    if causal:
+        i = torch.arange(Lq, device=q.device)[:, None]
+        j = torch.arange(Lk, device=q.device)[None, :]
+        allowed = allowed & (j <= i + (Lk - Lq))
+    alive = allowed.any(-1, keepdim=True)
+    # Dead rows (no key) get finite placeholder scores, so neither softmax nor its gradient
+    # produces NaN, and are zeroed after it.
+    s = torch.where(allowed, s, torch.where(alive, float("-inf"), 0.0))
+    p = torch.softmax(s, dim=-1) * allowed
+    lse = torch.logsumexp(s, dim=-1).masked_fill(~alive[..., 0], float("inf"))
+    if dropout_p > 0.0:
+        keys = torch.arange(Lk, device=q.device)
+        keep = dropout_uniform(seed, rows[..., None], keys) >= dropout_p
+        p = p * keep / (1.0 - dropout_p)
+    return p @ va, lse
+
+
+def forward(q, k, v, key_padding_mask=None, cu_seqlens_q=None, cu_seqlens_k=None,
+            causal=False, scale=1.0, dropout_p=0.0, seed=0):
+    """(out, lse) as described in the module docstring; differentiable in q, k, v."""
+    acc = compute_dtype(q.dtype)
+    if cu_seqlens_q is None:
+        B, H, Lq, _ = q.shape
+        rows = torch.arange(B * H * Lq, device=q.device).view(B, H, Lq)
+        out, lse = _dense(q, k, v, key_padding_mask, causal, scale, dropout_p, seed, rows)
+        return out.to(q.dtype), lse
+    Tq, H, _ = q.shape
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    outs, lses = [], []
+    for s in range(len(cq) - 1):
+        q0, q1, k0, k1 = cq[s], cq[s + 1], ck[s], ck[s + 1]
+        if q1 == q0:
+            continue
+        if k1 == k0:  # no keys: zeros
+            outs.append(q.new_zeros(q1 - q0, H, v.shape[-1], dtype=acc))
+            lses.append(torch.full((H, q1 - q0), float("inf"), dtype=acc, device=q.device))
+            continue
+        rows = (torch.arange(H, device=q.device)[:, None] * Tq
+                + torch.arange(q0, q1, device=q.device))[None]
+        out, lse = _dense(q[q0:q1].transpose(0, 1)[None], k[k0:k1].transpose(0, 1)[None],
+                          v[k0:k1].transpose(0, 1)[None], None, causal, scale, dropout_p, seed,
+                          rows)
+        outs.append(out[0].transpose(0, 1))
+        lses.append(lse[0])
+    if not outs:
+        out = q.new_zeros(Tq, H, v.shape[-1], dtype=acc)
+        lse = torch.full((H, Tq), float("inf"), dtype=acc, device=q.device)
+    else:
+        out, lse = torch.cat(outs, 0), torch.cat(lses, 1)
+    return out.to(q.dtype), lse
