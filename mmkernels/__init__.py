@@ -7,6 +7,7 @@ neither CUDA nor triton.
 """
 from . import _cpp, nn
 from ._dispatch import BackendUnavailableError, available_backends, unavailable_reasons
+from .attention.cross_attention import cross_attention, cross_attention_varlen
 from .contrastive.infonce import infonce_loss
 from .contrastive.siglip import siglip_loss
 
@@ -21,6 +22,8 @@ if _cpp.load() is not None:
 __all__ = [
     "BackendUnavailableError",
     "available_backends",
+    "cross_attention",
+    "cross_attention_varlen",
     "infonce_loss",
     "nn",
     "siglip_loss",

@@ -83,6 +83,13 @@ def fp32_uses_tf32() -> bool:
     return torch.get_float32_matmul_precision() != "highest"
 
 
+def uses_tf32(backend: str, dtype: torch.dtype) -> bool:
+    """Whether a call on ``backend`` with inputs of ``dtype`` runs its fp32 products on TF32
+    (Triton only). Read inside the custom ops, which torch.compile does not trace, and carried
+    from the forward to the backward so both always agree."""
+    return backend == "triton" and dtype == torch.float32 and fp32_uses_tf32()
+
+
 def _tensors(inputs: Mapping) -> dict[str, torch.Tensor]:
     return {name: t for name, t in inputs.items() if isinstance(t, torch.Tensor)}
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _dispatch, _validate
+from .._autograd import double_backward
 from .._dispatch import TRITON_DTYPES, Impl
 from ..distributed import LOCAL, Comm, resolve
 from . import reference
@@ -37,13 +38,6 @@ DISPATCH = _dispatch.Op(OP, (Impl("reference"), Impl("cpu"), Impl("triton", TRIT
 #: keeps the forward's logit tiles for the backward instead of recomputing them: 6·B²·D FLOPs
 #: instead of 8·B²·D, for one B×B buffer (the eager formula holds about four).
 KEEP_LOGITS_BYTES = 256 * 2**20
-
-
-def _tf32(backend: str, features: Tensor) -> bool:
-    """Whether this call's fp32 products run on TF32 (Triton only; torch's switch, see
-    ``_dispatch.fp32_uses_tf32``). Read inside the custom ops, which torch.compile does not
-    trace, and carried from the forward to the backward."""
-    return backend == "triton" and features.dtype == torch.float32 and _dispatch.fp32_uses_tf32()
 
 
 def keep_logits(backend: str, m: int, n: int, dtype: torch.dtype, want_grad: bool) -> bool:
@@ -154,7 +148,7 @@ def infonce_fwd(image: Tensor, text: Tensor, scale: Tensor, bias: Optional[Tenso
     """Per-pair losses, row and column LSE (B,), the pairs' excesses (B, 2) (float32/float64),
     the logits (B, B) when ``keep_logits`` (else empty), and whether fp32 products ran on TF32
     (a 0-dim bool CPU tensor, handed to the backward so that both agree)."""
-    tf32 = _tf32(backend, image)
+    tf32 = _dispatch.uses_tf32(backend, image.dtype)
     out = _forward(primitives(backend, tf32), LOCAL, image, text, scale, bias, label_smoothing,
                    keep_logits)
     return (*out, torch.tensor(tf32))
@@ -204,7 +198,7 @@ def _autograd_backward(ctx, grad_loss, *_unused):
     image, text, scale, bias, row_lse, col_lse, excess, logits, tf32 = ctx.saved_tensors
     if torch.is_grad_enabled():
         # create_graph=True: the gradient must itself be differentiable.
-        grads = reference.double_backward(reference.infonce_loss, grad_loss,
+        grads = double_backward(reference.infonce_loss, grad_loss,
                                           (image, text, scale, bias), ctx.label_smoothing)
     else:
         grads = infonce_bwd(grad_loss, image, text, scale, bias, row_lse, col_lse, excess,
@@ -330,8 +324,9 @@ def infonce_loss(image_features: Tensor, text_features: Tensor, logit_scale,
                            image_features.dtype, want_grad)
         per_pair = infonce_fwd(image_features, text_features, scale, bias, eps, name, keep)[0]
     else:
+        tf32 = _dispatch.uses_tf32(name, image_features.dtype)
         per_pair = _DistributedInfoNCE.apply(image_features, text_features, scale, bias, eps,
-                                             primitives(name, _tf32(name, image_features)),
+                                             primitives(name, tf32),
                                              comm, local_loss,
                                              gather_with_grad)
     return _reduce(per_pair, reduction)

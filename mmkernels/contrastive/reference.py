@@ -73,14 +73,3 @@ def siglip_loss(image, text, scale, bias, comm: Comm = LOCAL):
     signs = -torch.ones_like(logits)
     signs[torch.arange(b), torch.arange(b) + comm.rank * b] = 1.0
     return -F.logsigmoid(signs * logits).sum() / b
-
-
-def double_backward(loss_fn, grad, inputs, *args):
-    """The gradients of Σ grad·loss_fn(*inputs, *args) w.r.t. ``inputs`` as a differentiable
-    graph: what a fused loss's backward returns under ``create_graph=True`` (the fused kernels'
-    gradients are not themselves differentiable). None for inputs that need no gradient."""
-    with torch.enable_grad():
-        leaves = [x for x in inputs if x is not None and x.requires_grad]
-        grads = iter(torch.autograd.grad(loss_fn(*inputs, *args), leaves, grad,
-                                         create_graph=True, allow_unused=True))
-    return tuple(next(grads) if x is not None and x.requires_grad else None for x in inputs)

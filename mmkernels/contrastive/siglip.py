@@ -17,10 +17,10 @@ import torch
 from torch import Tensor
 
 from .. import _dispatch, _validate
+from .._autograd import double_backward
 from .._dispatch import TRITON_DTYPES, Impl
 from ..distributed import LOCAL, Comm, resolve
 from . import reference
-from .infonce import _tf32
 from .primitives import primitives
 
 OP = "siglip_loss"
@@ -52,7 +52,8 @@ def siglip_fwd(image: Tensor, text: Tensor, scale: Tensor, bias: Optional[Tensor
                want_grad: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The loss and, when ``want_grad``, d loss / d(image, text, scale, bias) (contiguous);
     otherwise the four gradients are empty."""
-    return _forward(primitives(backend, _tf32(backend, image)), LOCAL, image, text, scale, bias,
+    tf32 = _dispatch.uses_tf32(backend, image.dtype)
+    return _forward(primitives(backend, tf32), LOCAL, image, text, scale, bias,
                     want_grad)
 
 
@@ -88,7 +89,7 @@ def _autograd_backward(ctx, grad_loss, *_unused):
     image, text, scale, bias, *grads = ctx.saved_tensors
     if torch.is_grad_enabled():
         # create_graph=True: the saved gradients are constants; differentiate the formula.
-        grads = reference.double_backward(reference.siglip_loss, grad_loss,
+        grads = double_backward(reference.siglip_loss, grad_loss,
                                           (image, text, scale, bias))
     else:
         grads = _scaled_grads(grad_loss, image, text, scale, bias, *grads, LOCAL)
@@ -136,8 +137,9 @@ def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logi
     if name == "reference":
         return reference.siglip_loss(image_features, text_features, scale, bias, comm)
     if comm is not LOCAL:
+        tf32 = _dispatch.uses_tf32(name, image_features.dtype)
         return _DistributedSigLIP.apply(image_features, text_features, scale, bias,
-                                        primitives(name, _tf32(name, image_features)), comm)
+                                        primitives(name, tf32), comm)
     want_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (image_features, text_features, scale, bias))
     return siglip_fwd(image_features, text_features, scale, bias, want_grad, name)[0]
