@@ -17,7 +17,8 @@ __version__ = "0.1.0"
 # would have used it), so that nothing is imported while torch.compile traces a first call,
 # and register their fake implementations.
 if _cpp.load() is not None:
-    from .contrastive import cpu as _cpu  # noqa: F401
+    from .attention import cpu as _attention_cpu  # noqa: F401
+    from .contrastive import cpu as _contrastive_cpu  # noqa: F401
 
 __all__ = [
     "BackendUnavailableError",

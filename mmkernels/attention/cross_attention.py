@@ -187,7 +187,8 @@ def _qkv(op, q, k, v, varlen: bool):
 
 def _options(op, causal, scale, dropout_p, dqk):
     """causal (bool), scale (float), dropout_p (float) checked; scale defaults to 1/√Dqk."""
-    if not isinstance(causal, bool) and type(causal).__name__ != "bool_":
+    numpy_bool = type(causal).__module__ == "numpy" and type(causal).__name__ in ("bool", "bool_")
+    if not isinstance(causal, bool) and not numpy_bool:
         raise TypeError(f"{op}: causal must be a bool, got {type(causal).__name__}")
     if scale is None:
         scale = 1.0 / math.sqrt(dqk)

@@ -32,9 +32,15 @@ def check(backend, q, k, v, rtol=FP32_RTOL, **kw):
     grads = torch.autograd.grad(out, (q, k, v), w.to(out.dtype))
     ref, _, ref_grads = oracle(q, k, v, w, **kw)
     assert_close(out, ref, rtol, "out")
+    # dS = P∘(dP − rowsum(dO∘O)) cancels exactly where a row's probabilities are one-hot (Lk = 1,
+    # confident rows): the gradient there is ~0 and the error floor is absolute, set by the
+    # size of the terms that cancel.
+    big = max(x.detach().abs().max().item() for x in (q, k, v)) if q.numel() else 1.0
+    scale = abs(kw.get("scale") or 1.0 / math.sqrt(q.shape[-1]))
+    atol = rtol * w.norm().item() * big * big * max(scale, 1.0)
     for name, x, g, r in zip("qkv", (q, k, v), grads, ref_grads):
         assert g.dtype == x.dtype
-        assert_close(g, r, rtol, f"d{name}")
+        assert_close(g, r, rtol, f"d{name}", atol=atol if name != "v" else None)
     return out, grads
 
 

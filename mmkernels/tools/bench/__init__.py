@@ -15,8 +15,8 @@ Results go to ``<out>/<op>_<device>.{json,md}`` and ``<op>_<device>_{time,memory
 
 Layout: ``harness`` measures (worker processes: memory and cold time per implementation and
 case, interleaved warm time per case, GEMM peak), ``report`` writes, ``peers`` loads the
-implementations compared with, and one module per op family (``contrastive``) says what to
-run; ``family.BenchOp`` is the interface between them.
+implementations compared with, and one module per op family says what to
+run (``contrastive``, ``attention``); ``family.BenchOp`` is the interface between them.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ import torch
 from . import harness, report
 
 # The op families: modules of this package, each defining OPS (name -> family.BenchOp).
-FAMILIES = ("contrastive",)
+FAMILIES = ("contrastive", "attention")
 OPS = {name: op for family in FAMILIES
        for name, op in importlib.import_module(f"{__name__}.{family}").OPS.items()}
 IMPLS = tuple(dict.fromkeys(impl for op in OPS.values() for impl in op.impls))

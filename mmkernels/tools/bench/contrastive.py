@@ -54,7 +54,7 @@ class Group:
 
 DEFAULT_D = 512
 QUICK_SIZES = (256, 1024, 2048)
-# The pytest-benchmark cases (benchmarks/test_bench_contrastive.py): a few ms each.
+# The pytest-benchmark cases (benchmarks/test_bench.py): a few ms each.
 SMOKE_CASES = (Case(256, 512, "fp32"),)
 # Full runs. The large-B groups are the memory cases: only the fused op can hold them.
 FULL = {
@@ -116,6 +116,7 @@ class Loss:
     sizes_help = f"batch sizes to run instead of the default list (D={DEFAULT_D})"
     warmup = f"a B={WARMUP_B} warm-up"
     x_field, x_label = "B", "batch size B"
+    smoke_cases = SMOKE_CASES
 
     @property
     def step(self) -> str:

@@ -41,12 +41,14 @@ class BenchOp(Protocol):
     flops_basis: str          # why every implementation is scored on it (markdown)
     x_field: str              # the case field on the plots' x axis
     x_label: str              # and its axis label
+    smoke_cases: tuple        # small cases benchmarks/test_bench.py runs every implementation on
 
     def plan(self, device: str, quick: bool, sizes, dtypes, impls) -> list[tuple]:
         """(case, implementations) in run order; ``sizes`` replaces the default list."""
 
     def build(self, impl: str) -> Callable:
-        """``fn(*make_inputs(...))`` returning a scalar to backward through; raises
+        """``fn(*make_inputs(...))`` returning a scalar (backward runs through it when the inputs
+        require grad; "eager" gives the value every implementation must match); raises
         ``peers.PeerUnavailable`` when ``impl`` cannot run here."""
 
     def make_inputs(self, case, device: str, seed: int = 0) -> tuple:

@@ -53,13 +53,15 @@ DEFAULT_DTYPES = {"cpu": ("fp32",), "cuda": ("fp32", "bf16")}
 
 
 def fwd_bwd(fn: Callable, inputs) -> torch.Tensor:
-    """One training step's work: forward, backward, and on CUDA the wait for both (the
-    callers' timers are host-side)."""
+    """One step's work: forward, backward (when the result requires grad: inputs made without
+    grad time a forward-only, inference case), and on CUDA the wait for both (the callers'
+    timers are host-side)."""
     for t in inputs:
         if isinstance(t, torch.Tensor):
             t.grad = None  # every step starts from empty grads: no accumulation add timed
     loss = fn(*inputs)
-    loss.backward()
+    if loss.requires_grad:
+        loss.backward()
     if inputs[0].is_cuda:
         torch.cuda.synchronize()
     return loss.detach()

@@ -1,12 +1,12 @@
-"""The harness's cases as pytest-benchmark tests: every op × implementation, forward+backward.
+"""The harness's cases as pytest-benchmark tests: every op × implementation of every family.
 
     pytest benchmarks -q                       # each once (pytest.ini disables timing): CI
     pytest benchmarks -q --benchmark-enable    # timed: pytest-benchmark's table
 
-Cases, peers and the timed step come from ``mmkernels.tools.bench`` (its contrastive family
-and harness), so these time exactly what ``python -m mmkernels bench`` does, at a small size.
-torch.compile costs ~30 s per op on a cold cache, more than this suite's whole budget, so its
-tests run only with MMK_BENCH_COMPILE=1.
+Cases, peers and the timed step come from ``mmkernels.tools.bench`` (each family's
+``smoke_cases`` and the harness), so these time exactly what ``python -m mmkernels bench``
+does, at a small size. torch.compile (and FlexAttention, compiled) costs ~30 s per op on a
+cold cache, more than this suite's whole budget, so those run only with MMK_BENCH_COMPILE=1.
 """
 import os
 import statistics
@@ -14,35 +14,41 @@ import statistics
 import pytest
 import torch
 
-from mmkernels.tools.bench import contrastive, harness, peers
+from mmkernels.tools.bench import OPS, contrastive, harness, peers
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+COMPILED = (peers.COMPILE, "flex")
+CASES = [pytest.param(name, impl, case, id=f"{name}-{impl}-{case}")
+         for name, op in OPS.items() for case in op.smoke_cases for impl in op.impls]
 
 
-@pytest.mark.parametrize("case", contrastive.SMOKE_CASES, ids=str)
-@pytest.mark.parametrize("impl", contrastive.IMPLS)
-@pytest.mark.parametrize("op", list(contrastive.OPS))
-def test_fwd_bwd(benchmark, op, impl, case):
-    if impl == peers.COMPILE and os.environ.get("MMK_BENCH_COMPILE") != "1":
+@pytest.mark.parametrize("name,impl,case", CASES)
+def test_step(benchmark, name, impl, case):
+    if impl in COMPILED and os.environ.get("MMK_BENCH_COMPILE") != "1":
         pytest.skip("torch.compile takes ~30 s cold; set MMK_BENCH_COMPILE=1 to run it")
-    spec = contrastive.OPS[op]
+    op = OPS[name]
+    grads = getattr(case, "mode", "fwd+bwd") == "fwd+bwd"
+    if impl == "flex" and grads and DEVICE == "cpu":
+        pytest.skip("FlexAttention has no backward on CPU")
     try:
-        fn = spec.build(impl)
+        fn = op.build(impl)
     except peers.PeerUnavailable as exc:
         pytest.skip(str(exc))
-    inputs = spec.make_inputs(case, DEVICE)
-    backend = spec.resolved_backend(case.dtype, DEVICE) if impl == "mmkernels" else None
-    benchmark.group = f"{op} {case}"
+    inputs = op.make_inputs(case, DEVICE)
+    backend = op.resolved_backend(case.dtype, DEVICE) if impl == "mmkernels" else None
+    benchmark.group = f"{name} {case}"
     benchmark.extra_info["implementation"] = harness.label(impl, backend)
 
-    loss = benchmark(harness.fwd_bwd, fn, inputs)
+    result = benchmark(harness.fwd_bwd, fn, inputs)
 
-    # Every peer computes the same loss: a wrongly wired one would time something else.
-    # (Triton's fp32 dot uses TF32 on GPU, hence the looser CUDA tolerance.)
-    expected = spec.eager(*(t.detach() if t is not None else None for t in inputs))
+    # Every implementation computes the eager value: a wrongly wired one would time something
+    # else. (Triton's fp32 dot uses TF32 on GPU, hence the looser CUDA tolerance.)
+    expected = op.build("eager")(*(t.detach() if isinstance(t, torch.Tensor) else t
+                                   for t in inputs))
     tol = 1e-4 if DEVICE == "cpu" else 1e-2
-    torch.testing.assert_close(loss.float(), expected.float(), rtol=tol, atol=tol)
-    assert inputs[0].grad is not None and inputs[2].grad is not None
+    torch.testing.assert_close(result.float(), expected.float(), rtol=tol, atol=tol)
+    if grads:
+        assert any(isinstance(t, torch.Tensor) and t.grad is not None for t in inputs)
 
 
 # The timing machinery itself: every implementation of a case timed alike.
