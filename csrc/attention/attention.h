@@ -57,6 +57,17 @@ namespace attention {
 // (cheap) accumulator rescales.
 constexpr int64_t kFwdQBlock = 64;
 constexpr int64_t kFwdKBlock = 256;
+// Shorter query blocks take proportionally longer key blocks, the S tile keeping its size:
+// fewer tile products and softmax rescales where each product is only a few rows deep.
+constexpr int64_t kFwdTile = kFwdQBlock * kFwdKBlock;
+inline int64_t fwd_key_block(int64_t rows) {
+  return std::max<int64_t>(kFwdTile / rows / 16 * 16, 16);
+}
+// fp32 query blocks of at most kFwdFewRows rows skip BLAS (forward.cpp): up to kFwdDotRows
+// rows with dot products along the head dim (dot_step), more with the rows as vector lanes
+// (lanes_step).
+constexpr int64_t kFwdFewRows = 16;
+constexpr int64_t kFwdDotRows = 5;
 // Backward: a task is one (sequence, K/V head); key blocks outer, query blocks inner. The
 // key block is the unit whose dK/dV rows are accumulated over all query rows of the group.
 constexpr int64_t kBwdQBlock = 64;

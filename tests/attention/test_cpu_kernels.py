@@ -125,6 +125,27 @@ def test_many_blocks(shape, causal):
     check(q, k, v, mask=m, causal=causal, rtol=FP32_RTOL)
 
 
+@pytest.mark.parametrize("lq", [1, 2, 5, 6, 8, 9, 16, 17, 70])
+def test_few_query_rows(lq):
+    """fp32 query blocks of up to 16 rows run without BLAS (dot products up to 5 rows, rows as
+    vector lanes up to 16; 70 = a BLAS block and a 6-row block): masks, causal with Lq > Lk
+    and Lq < Lk, dropout, GQA, odd head dims; 2100 keys = several key blocks of the lanes
+    path."""
+    q, k, v, m = dense(2, 4, 2, lq, 2100, 19, 13, mask="random")
+    check(q, k, v, mask=m, causal=True, dropout_p=0.3, seed=9, rtol=FP32_RTOL)
+    q, k, v, m = dense(2, 2, 1, lq, 7, 24, 8, mask="suffix", layout="strided")
+    check(q, k, v, mask=m, causal=True, rtol=FP32_RTOL)
+    q, k, v, m = dense(1, 2, 2, lq, 300, 8, 40, mask="dead", layout="transposed")
+    check(q, k, v, mask=m, rtol=FP32_RTOL)
+
+
+@pytest.mark.slow
+def test_one_row_many_key_blocks():
+    """One query row walks keys in blocks of 16384: three of them here."""
+    q, k, v, m = dense(1, 2, 1, 1, 40000, 8, 8, mask="random")
+    check(q, k, v, mask=m, dropout_p=0.2, seed=4, rtol=FP32_RTOL)
+
+
 def test_skipped_key_blocks():
     """Whole key blocks of padding (skipped) at the start, middle and end of the key range."""
     q, k, v, _ = dense(3, 2, 2, 20, 700, 32, 32)
