@@ -8,9 +8,10 @@
 // P = exp(scale S - lse) and forms dS = scale P (dP Z/(1-p) - D), then dV += Pd^T dO,
 // dK += dS^T Q and dQ += dS K (BLAS, accumulated in place). Five tile GEMMs: 2.5x the
 // forward's FLOPs, nothing recomputed beyond S (a separate dQ pass would recompute S and
-// dP, 7 GEMMs, 40% more). The price is parallelism: N x Hk tasks, so a call with a single
-// sequence and K/V head runs on one core. Every row accumulates in a fixed order (key
-// blocks, then heads, then query blocks), so results are bitwise reproducible.
+// dP, 7 GEMMs, 40% more). The price is parallelism: N x Hk units; when there are fewer
+// units than threads, each unit's key range is split and the extra dQ partials are summed
+// after (backward_kernel). Every row accumulates in a fixed order (key blocks, then heads,
+// then query blocks), so results are bitwise reproducible.
 //
 // D = rowsum(dO * O) is computed per task for its query rows. The dropout mask is
 // regenerated from the hash (attention.h), never stored. Padding is skipped as in the
@@ -102,45 +103,80 @@ void zero_rows(const Rows<T>& x, const Seq& sq, int64_t t0, int64_t n, int64_t h
   }
 }
 
+// A task: the (sequence, K/V head) unit, or one key range of it (see backward_kernel).
 struct BwdTask {
-  int64_t s, g, cost;
+  int64_t s, g;
+  int64_t key0, key1;  // owns (zeroes and accumulates) the dK/dV rows of keys [key0, key1)
+  int64_t part;        // -1: accumulates dQ in place (zeroing it first); else its private
+                       // dQ partial starts at parts[part]
+  int64_t cost;
 };
 
 template <typename T>
 void backward_kernel(const Problem& P, const Rows<const T>& q, const Rows<const T>& k,
                      const Rows<const T>& v, const Rows<const T>& dout, const Rows<const T>& out,
                      const T* lse, const Rows<T>& dq, const Rows<T>& dk, const Rows<T>& dv) {
+  const int64_t Dqk = P.Dqk, Dv = P.Dv, group = P.group;
+  // With fewer (sequence, K/V head) units than threads (one sample with one K/V head, say),
+  // each unit's key blocks are split into contiguous ranges, one task each. Only the first
+  // range accumulates dQ in place; the others into private partials, added to dQ after the
+  // parallel region in range order. The split depends on the thread count only, so a given
+  // call is still bitwise reproducible.
+  const int64_t units = static_cast<int64_t>(P.seqs.size()) * P.Hk;
+  const int64_t threads = at::get_num_threads();
+  const int64_t split = units >= threads ? 1 : ceil_div(threads, std::max<int64_t>(units, 1));
   std::vector<BwdTask> tasks;
+  int64_t parts_size = 0;
   for (int64_t s = 0; s < static_cast<int64_t>(P.seqs.size()); ++s) {
     const Seq& sq = P.seqs[s];
+    const int64_t blocks = ceil_div(sq.kend, kBwdKBlock);
+    const int64_t ranges = std::max<int64_t>(1, std::min(split, blocks));
     for (int64_t g = 0; g < P.Hk; ++g) {
-      tasks.push_back(BwdTask{s, g, (sq.lq + 1) * (sq.kend + 1)});
+      for (int64_t c = 0; c < ranges; ++c) {
+        const int64_t key0 = c == 0 ? 0 : c * blocks / ranges * kBwdKBlock;
+        const int64_t key1 = c == ranges - 1 ? sq.lk : (c + 1) * blocks / ranges * kBwdKBlock;
+        int64_t part = -1;
+        if (c > 0) {
+          part = parts_size;
+          parts_size += group * sq.lq * Dqk;
+        }
+        const int64_t keys = std::max<int64_t>(0, std::min(key1, sq.kend) - key0);
+        tasks.push_back(BwdTask{s, g, key0, key1, part, (sq.lq + 1) * (keys + 1)});
+      }
     }
+  }
+  // Summation order of the partials: the order they were created in.
+  std::vector<BwdTask> partials;
+  for (const BwdTask& task : tasks) {
+    if (task.part >= 0) partials.push_back(task);
   }
   std::stable_sort(tasks.begin(), tasks.end(),
                    [](const BwdTask& a, const BwdTask& b) { return a.cost > b.cost; });
 
   const int64_t n = static_cast<int64_t>(tasks.size());
-  const int64_t Dqk = P.Dqk, Dv = P.Dv, group = P.group;
   const int64_t tile = kBwdQBlock * kBwdKBlock;
   std::vector<std::vector<T>> scratch(static_cast<size_t>(workers(n)));
+  std::vector<T> parts(static_cast<size_t>(parts_size));
   const T scale = static_cast<T>(P.scale);
   const T keep_scale = static_cast<T>(P.dropout.keep_scale);
 
   run_tasks(n, [&](int64_t t, int64_t w) {
-    const Seq& sq = P.seqs[tasks[t].s];
-    const int64_t g = tasks[t].g, lq = sq.lq;
+    const BwdTask& task = tasks[t];
+    const Seq& sq = P.seqs[task.s];
+    const int64_t g = task.g, lq = sq.lq;
     std::vector<T>& buf = scratch[w];
     buf.resize(std::max<size_t>(buf.size(), static_cast<size_t>(2 * tile + group * lq)));
     T* const S = buf.data();
     T* const G = S + tile;
     T* const D = G + tile;
+    T* const part = task.part >= 0 ? parts.data() + task.part : nullptr;
 
-    zero_rows(dk, sq, sq.k0, sq.lk, g, Dqk);
-    zero_rows(dv, sq, sq.k0, sq.lk, g, Dv);
+    zero_rows(dk, sq, sq.k0 + task.key0, task.key1 - task.key0, g, Dqk);
+    zero_rows(dv, sq, sq.k0 + task.key0, task.key1 - task.key0, g, Dv);
+    if (part != nullptr) std::fill(part, part + group * lq * Dqk, T(0));
     for (int64_t hh = 0; hh < group; ++hh) {
       const int64_t h = g * group + hh;
-      zero_rows(dq, sq, sq.q0, lq, h, Dqk);
+      if (part == nullptr) zero_rows(dq, sq, sq.q0, lq, h, Dqk);
       for (int64_t i = 0; i < lq; ++i) {
         const T* o = out.row(sq.b, sq.q0 + i, h);
         const T* go = dout.row(sq.b, sq.q0 + i, h);
@@ -151,8 +187,9 @@ void backward_kernel(const Problem& P, const Rows<const T>& q, const Rows<const 
     }
 
     const int64_t shift = Problem::causal_shift(sq);
-    for (int64_t k0 = 0; k0 < sq.kend; k0 += kBwdKBlock) {
-      const int64_t bk = std::min(kBwdKBlock, sq.kend - k0);
+    const int64_t key_end = std::min(task.key1, sq.kend);
+    for (int64_t k0 = task.key0; k0 < key_end; k0 += kBwdKBlock) {
+      const int64_t bk = std::min(kBwdKBlock, key_end - k0);
       if (P.live_keys(sq, k0, k0 + bk) == 0) continue;
       const uint8_t* masked = P.key_mask(sq, k0, bk);
       const T* const K = k.row(sq.b, sq.k0 + k0, g);
@@ -167,6 +204,8 @@ void backward_kernel(const Problem& P, const Rows<const T>& q, const Rows<const 
           const int64_t bq = std::min(kBwdQBlock, lq - q0);
           const T* const Q = q.row(sq.b, sq.q0 + q0, h);
           const T* const dO = dout.row(sq.b, sq.q0 + q0, h);
+          T* const dQ = part != nullptr ? part + (hh * lq + q0) * Dqk : dq.row(sq.b, sq.q0 + q0, h);
+          const int64_t ldq = part != nullptr ? Dqk : dq.st;
           gemm<T>(false, true, bq, bk, Dqk, Q, q.st, K, k.st, S, bk, false);
           gemm<T>(false, true, bq, bk, Dv, dO, dout.st, V, v.st, G, bk, false);
           grad_tile(S, G, bq, bk, scale, masked, P.causal, q0 + shift + 1 - k0,
@@ -174,12 +213,22 @@ void backward_kernel(const Problem& P, const Rows<const T>& q, const Rows<const 
                     P.tile_dropout(sq, h, q0, k0), keep_scale);
           gemm<T>(true, false, bk, Dv, bq, S, bk, dO, dout.st, dV, dv.st, true);
           gemm<T>(true, false, bk, Dqk, bq, G, bk, Q, q.st, dK, dk.st, true);
-          gemm<T>(false, false, bq, Dqk, bk, G, bk, K, k.st, dq.row(sq.b, sq.q0 + q0, h), dq.st,
-                  true);
+          gemm<T>(false, false, bq, Dqk, bk, G, bk, K, k.st, dQ, ldq, true);
         }
       }
     }
   });
+
+  for (const BwdTask& task : partials) {
+    const Seq& sq = P.seqs[task.s];
+    const T* src = parts.data() + task.part;
+    for (int64_t hh = 0; hh < group; ++hh) {
+      for (int64_t i = 0; i < sq.lq; ++i, src += Dqk) {
+        T* dst = dq.row(sq.b, sq.q0 + i, task.g * group + hh);
+        for (int64_t d = 0; d < Dqk; ++d) dst[d] += src[d];
+      }
+    }
+  }
 }
 
 void check_like(const at::Tensor& x, at::IntArrayRef shape, at::ScalarType dtype, const char* fn,
