@@ -81,16 +81,10 @@ constexpr int64_t kBwdKBlock = 128;
 // (m x k) with row stride lda, or as (k x m) when ta (op(A) = A^T); B likewise as (k x n), or
 // (n x k) when tb. Row strides must be >= the row length (BLAS's rule); the operand views
 // below guarantee it. Called from worker threads: BLAS then runs single-threaded.
+// The kernels only make products with m, n, k >= 1.
 template <typename T>
 void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda,
           const T* b, int64_t ldb, T* c, int64_t ldc, bool accumulate) {
-  if (m == 0 || n == 0) return;
-  if (k == 0) {
-    if (!accumulate) {
-      for (int64_t i = 0; i < m; ++i) std::fill(c + i * ldc, c + i * ldc + n, T(0));
-    }
-    return;
-  }
 #if AT_MKL_ENABLED()
   // Straight to BLAS: through ATen (tensor wrappers + dispatch) a 64 x 64 x 256 tile product
   // costs ~1.5 us more, 7-20% of the tile. Row-major C = op(A) op(B) is column-major
@@ -186,7 +180,6 @@ struct Seq {
 
 // Everything about a call except the tensors' data.
 struct Problem {
-  const char* fn;
   bool varlen, causal;
   int64_t H, Hk, group, Dqk, Dv;
   int64_t B, Lq, Lk;  // dense sizes (varlen: B = 1, Lq = Tq, Lk = Tk)
@@ -271,7 +264,6 @@ inline Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::
                             double scale, double dropout_p, const std::optional<at::Tensor>& seed,
                             const char* fn) {
   Problem p;
-  p.fn = fn;
   const bool has_cq = cu_seqlens_q.has_value() && cu_seqlens_q->defined();
   const bool has_ck = cu_seqlens_k.has_value() && cu_seqlens_k->defined();
   TORCH_CHECK(has_cq == has_ck, fn,

@@ -2,16 +2,16 @@
 //
 // dQ strategy: a task is one (sequence, K/V head) and owns every gradient row it touches:
 // the dK/dV rows of its keys and the dQ rows of its group's H/Hk query heads, so no two
-// tasks write the same row and nothing needs atomics or a reduction. It walks key blocks
-// (outer) and, for each of its query heads, the query blocks that see the key block
-// (inner): S = Q K^T and dP = dO V^T (BLAS), one elementwise pass that recomputes
-// P = exp(scale S - lse) and forms dS = scale P (dP Z/(1-p) - D), then dV += Pd^T dO,
-// dK += dS^T Q and dQ += dS K (BLAS, accumulated in place). Five tile GEMMs: 2.5x the
-// forward's FLOPs, nothing recomputed beyond S (a separate dQ pass would recompute S and
-// dP, 7 GEMMs, 40% more). The price is parallelism: N x Hk units; when there are fewer
-// units than threads, each unit's key range is split and the extra dQ partials are summed
-// after (backward_kernel). Every row accumulates in a fixed order (key blocks, then heads,
-// then query blocks), so results are bitwise reproducible.
+// tasks write the same row and nothing needs atomics. It walks key blocks (outer) and, for
+// each of its query heads, the query blocks that see the key block (inner): S = Q K^T and
+// dP = dO V^T (BLAS), one elementwise pass that recomputes P = exp(scale S - lse) and forms
+// dS = scale P (dP Z/(1-p) - D), then dV += Pd^T dO, dK += dS^T Q and dQ += dS K (BLAS,
+// accumulated in place). Five tile GEMMs: 2.5x the forward's FLOPs, nothing recomputed
+// beyond S (a separate dQ pass would recompute S and dP: 7 GEMMs, 40% more). The price is
+// parallelism, N x Hk units: when there are fewer units than threads, each unit's key range
+// is split and the extra dQ partials are summed after (backward_kernel). Every row
+// accumulates in a fixed order (key blocks, then heads, then query blocks), so results are
+// bitwise reproducible.
 //
 // D = rowsum(dO * O) is computed per task for its query rows. The dropout mask is
 // regenerated from the hash (attention.h), never stored. Padding is skipped as in the
@@ -181,6 +181,7 @@ void backward_kernel(const Problem& P, const Rows<const T>& q, const Rows<const 
         const T* o = out.row(sq.b, sq.q0 + i, h);
         const T* go = dout.row(sq.b, sq.q0 + i, h);
         T acc = 0;
+#pragma omp simd reduction(+ : acc)
         for (int64_t d = 0; d < Dv; ++d) acc += o[d] * go[d];
         D[hh * lq + i] = acc;
       }

@@ -5,7 +5,8 @@
 // masks, takes the running row maxima and turns S into probabilities P (dropout applied to
 // them, the row sums taken before), then acc = acc * e^(m_old - m_new) + P V (BLAS). Only
 // an S tile and the accumulator exist per worker; the Lq x Lk probabilities never do. The
-// row's log-sum-exp is kept for the backward.
+// row's log-sum-exp is kept for the backward. Blocks of at most kFwdFewRows fp32 rows use
+// loops of their own instead of BLAS (see "Few query rows" below).
 //
 // Work on padding is skipped: each sequence's key range ends after its last unpadded key,
 // key blocks with no unpadded key are skipped outright (blocks without padding run without
@@ -106,16 +107,17 @@ void softmax_tile(double* S, int64_t bq, int64_t bk, double scale, const uint8_t
 // A query block of at most kFwdFewRows rows (decoding, short captions, the last block of a
 // sequence) makes tile products only a few rows deep, where BLAS runs at a third of its rate
 // or less: it packs both operands on every call for very little arithmetic. Such blocks are
-// computed by two loop nests instead, each reading every K and V row once for all the
-// block's rows (measured on Zen 4, B = 64, H = 8, Lk = 576, D = 64, one core: BLAS 15 ms at
-// Lq = 1, 23 ms at Lq = 4, 34 ms at Lq = 16; these 8, 21 and 22 ms):
-//  - one or two rows (dot_step): scores are dot products along the head dim, P V adds
-//    scaled V rows to the accumulator rows; memory-bound, as decoding is;
+// computed by loop nests of their own instead, which read every K and V row once for all
+// the block's rows (measured on one Zen 4 core, B = 64, H = 8, Lk = 576, D = 64: BLAS 12, 22
+// and 35 ms at Lq = 1, 4 and 16; these loops 8-10, 17 and 24 ms):
+//  - up to kFwdDotRows rows (dot_step): scores are dot products along the head dim, and P V
+//    adds scaled V rows to the accumulator rows; memory-bound for one row, as decoding is;
 //  - up to 16 rows (lanes_step): the rows are the lanes of a vector. Qt holds the block
 //    transposed (Dqk x L, zero-padded, L = 8 or 16), the scores tile St is (keys x L), and
 //    every loop body is one L-lane operation per key and head dim (St[j] += K[j][d] Qt[d];
 //    accT[d] += V[j][d] St[j]): no horizontal sums, and the softmax state of all rows is one
-//    vector. Its cost hardly depends on the row count, so it only pays from ~3 rows on.
+//    vector. Its cost hardly depends on the row count, while dot_step's grows with it; they
+//    cross at ~6 rows.
 
 // S (bq x bk, row stride bk) = Q K^T, one dot product per row and key.
 MMK_INLINE void dot_scores(const float* Q, int64_t ldq, const float* K, int64_t ldk, int64_t bq,
@@ -160,7 +162,7 @@ MMK_INLINE void dot_values(const float* P, int64_t bq, int64_t bk, const float* 
   }
 }
 
-// One key block for one or two rows: the BLAS path's steps (scores, softmax_tile_impl,
+// One key block for up to kFwdDotRows rows: the BLAS path's steps (scores, softmax_tile_impl,
 // rescale, P V) with the products above.
 MMK_MULTIVERSION void dot_step(const float* Q, int64_t ldq, const float* K, int64_t ldk,
                                const float* V, int64_t ldv, int64_t bq, int64_t bk, int64_t Dqk,
@@ -338,8 +340,12 @@ void forward_kernel(const Problem& P, const Rows<const T>& q, const Rows<const T
       const int64_t bq = std::min(kFwdQBlock, sq.lq - q0);
       int64_t kend = sq.kend;
       // The block's last row sees keys j <= q0 + bq - 1 + shift.
-      if (P.causal) kend = std::max<int64_t>(0, std::min(kend, q0 + bq + Problem::causal_shift(sq)));
-      for (int64_t h = 0; h < P.H; ++h) tasks.push_back(FwdTask{s, h, q0, bq, kend, bq * (kend + 1)});
+      if (P.causal) {
+        kend = std::max<int64_t>(0, std::min(kend, q0 + bq + Problem::causal_shift(sq)));
+      }
+      for (int64_t h = 0; h < P.H; ++h) {
+        tasks.push_back(FwdTask{s, h, q0, bq, kend, bq * (kend + 1)});
+      }
     }
   }
   // Most expensive first (run_tasks hands them out in order); stable, so deterministic.
@@ -458,10 +464,10 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu_fwd(
                             : at::empty({P.B, P.H, P.Lq, P.Dv}, opts);
   at::Tensor lse = P.varlen ? at::empty({P.H, P.Lq}, opts) : at::empty({P.B, P.H, P.Lq}, opts);
   AT_DISPATCH_FLOATING_TYPES(dtype, "attention_cpu_fwd", [&] {
-    forward_kernel<scalar_t>(P, rows_of<const scalar_t>(qc, P.varlen),
-                             rows_of<const scalar_t>(kc, P.varlen),
-                             rows_of<const scalar_t>(vc, P.varlen), rows_of<scalar_t>(out, P.varlen),
-                             lse.data_ptr<scalar_t>());
+    forward_kernel<scalar_t>(
+        P, rows_of<const scalar_t>(qc, P.varlen), rows_of<const scalar_t>(kc, P.varlen),
+        rows_of<const scalar_t>(vc, P.varlen), rows_of<scalar_t>(out, P.varlen),
+        lse.data_ptr<scalar_t>());
   });
   if (q.scalar_type() != dtype) out = out.to(q.scalar_type());
   return {out, lse};
