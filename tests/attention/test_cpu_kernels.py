@@ -98,6 +98,19 @@ def test_dense_layouts(dtype, shape, layout):
     check(q, k, v, mask=m, causal=True, rtol=FP32_RTOL if dtype == torch.float32 else FP64_RTOL)
 
 
+def test_expanded_inputs():
+    """Stride-0 views: K/V broadcast over batch and heads, and the grad_out of out.sum()."""
+    q = torch.randn(3, 4, 9, 16)
+    k = torch.randn(1, 1, 70, 16).expand(3, 2, 70, 16)
+    v = torch.randn(1, 70, 1, 8).expand(3, 70, 2, 8).transpose(1, 2)
+    go = torch.ones(()).expand(3, 4, 9, 8)
+    out, lse, grads = run(q, k, v, go, causal=True)
+    ref_out, ref_lse, ref_grads = oracle(q, k, v, go, causal=True)
+    assert_close(out, ref_out, FP32_RTOL, "out")
+    for name, g, ref in zip(("dq", "dk", "dv"), grads, ref_grads):
+        assert_close(g, ref, FP32_RTOL, name)
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "strided"])
 @pytest.mark.parametrize("heads", [(1, 1), (4, 4), (6, 2)], ids=lambda h: f"H{h[0]}Hk{h[1]}")
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
