@@ -269,9 +269,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_cpu_bwd(
   // Gradients accumulate in the compute dtype (float16/bfloat16 rounded once at the end);
   // every row is zeroed by the task that owns it.
   const at::TensorOptions opts = q.options().dtype(dtype);
-  at::Tensor dq = at::empty(q.sizes(), opts);
-  at::Tensor dk = at::empty(k.sizes(), opts);
-  at::Tensor dv = at::empty(v.sizes(), opts);
+  at::Tensor dq = empty_output(q.sizes(), opts);
+  at::Tensor dk = empty_output(k.sizes(), opts);
+  at::Tensor dv = empty_output(v.sizes(), opts);
   AT_DISPATCH_FLOATING_TYPES(dtype, "attention_cpu_bwd", [&] {
     backward_kernel<scalar_t>(
         P, rows_of<const scalar_t>(qc, P.varlen), rows_of<const scalar_t>(kc, P.varlen),

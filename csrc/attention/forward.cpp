@@ -460,8 +460,8 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu_fwd(
   const at::TensorOptions opts = q.options().dtype(dtype);
   // Outputs in the compute dtype, written in full by the kernel (float16/bfloat16 rounded
   // once at the end).
-  at::Tensor out = P.varlen ? at::empty({P.Lq, P.H, P.Dv}, opts)
-                            : at::empty({P.B, P.H, P.Lq, P.Dv}, opts);
+  at::Tensor out = P.varlen ? empty_output({P.Lq, P.H, P.Dv}, opts)
+                            : empty_output({P.B, P.H, P.Lq, P.Dv}, opts);
   at::Tensor lse = P.varlen ? at::empty({P.H, P.Lq}, opts) : at::empty({P.B, P.H, P.Lq}, opts);
   AT_DISPATCH_FLOATING_TYPES(dtype, "attention_cpu_fwd", [&] {
     forward_kernel<scalar_t>(
