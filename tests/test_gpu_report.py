@@ -20,8 +20,10 @@ def test_gpu_report_is_clean():
     assert rows and all(" ok " in line for line in rows)
     assert {"sm_80", "sm_90"} <= {line.split()[1] for line in rows}
     # Tensor cores are used (mma.sync on sm_80, wgmma on sm_90) by every config except the
-    # exact-fp32 ("ieee") ones, which are FMA by design.
-    tensor_core = [line for line in rows if "ieee" not in line.split()[0]]
+    # exact-fp32 ("ieee") ones, which are FMA by design, and attention's Δ = rowsum(dO∘O)
+    # preprocess, which has no product.
+    tensor_core = [line for line in rows if "ieee" not in line.split()[0]
+                   and not line.startswith("attention_bwd_delta")]
     assert all(line.split()[6] == "True" for line in tensor_core if " sm_80 " in line)
     assert all(line.split()[7] == "True" for line in tensor_core if " sm_90 " in line)
     # No kernel sits at the 255-register ceiling (one block per SM and spills one change away).
@@ -29,17 +31,27 @@ def test_gpu_report_is_clean():
 
     # Forward + backward work over the nominal 8·B²·D (InfoNCE) / 6·B²·D (SigLIP): the atomic
     # paths do the nominal work, the deterministic ones compute every tile once more (no
-    # atomics), and no path recomputes logits per D-slice (same ratio at D = 512 and 1024).
+    # atomics), and no path recomputes logits per D-slice (the same ratio at every D).
+    # Attention (14·B²·D per head): the deterministic dQ pass recomputes S and dP (18/14); the
+    # fp32/TF32 head-dim-256 dK/dV runs as two launches (one more product: 20/14).
     expected = {("infonce", "deterministic"): 10 / 8, ("infonce", "atomic"): 1.0,
                 ("siglip", "deterministic"): 8 / 6, ("siglip", "atomic"): 1.0,
                 ("siglip", "loss-only"): 1.0}
     summary = {}
     for line in run.stdout.splitlines():
-        match = re.match(r"(infonce|siglip)\s+(\S+)\s+(\S+)\s+([\d.]+)×\s+([\d.]+)×$", line)
+        match = re.match(r"(infonce|siglip|attention)\s+(\S+)\s+(\S+)((?:\s+(?:[\d.]+×|-))+)$",
+                         line)
         if match:
-            op, precision, path, *ratios = match.groups()
-            summary[op, precision, path] = [float(r) for r in ratios]
+            op, precision, path, ratios = match.groups()
+            summary[op, precision, path] = [None if r == "-" else float(r.rstrip("×"))
+                                            for r in ratios.split()]
     for precision in ("bf16/fp16", "fp32/tf32", "fp32/ieee"):
         for (op, path), ratio in expected.items():
-            assert summary[op, precision, path] == pytest.approx([ratio, ratio], abs=0.01), \
+            assert summary[op, precision, path] == pytest.approx([ratio] * 5, abs=0.01), \
                 (op, precision, path)
+        attention = [v for (op, p, _), v in summary.items() if op == "attention" and p == precision]
+        assert attention, precision
+        last = 20 / 14 if precision == "fp32/tf32" else 18 / 14
+        for ratios in attention:
+            assert ratios[3:] == [None, None]  # head dims stop at 256
+            assert ratios[:3] == pytest.approx([18 / 14, 18 / 14, last], abs=0.01), precision

@@ -4,12 +4,13 @@ and sm_90 without a GPU and print what the hardware would see.
 One row per kernel × config × arch: registers, shared memory, stack and local memory (spills)
 from the cubin (triton's bundled ``cuobjdump --dump-resource-usage``), whether the PTX uses
 tensor-core instructions (mma / wgmma), and the FLOPs the kernel executes per B²·D at
-B = 16384 for D = 512 and 1024 ("-" where the host launches another variant of the kernel at
-that D). Exits non-zero on spills or on shared memory over the architecture's per-block limit,
+B = 16384 for D = 64 ... 1024 ("-" where the host launches another variant of the kernel at
+that D, or the op does not take it: attention's head dims stop at 256). Exits non-zero on spills or on shared memory over the architecture's per-block limit,
 so CI catches a config that would fail or crawl on a GPU.
 
 A second table adds the kernels of one forward + backward per op, precision and path and
-divides by the nominal work (8·B²·D InfoNCE, 6·B²·D SigLIP): the FLOPs a design spends
+divides by the nominal work (8·B²·D InfoNCE, 6·B²·D SigLIP, 14·Lq·Lk·D attention per head):
+the FLOPs a design spends
 beyond the minimum (e.g. the second computation of each tile that a deterministic backward
 pays instead of atomics).
 """
@@ -23,8 +24,11 @@ import tempfile
 
 ARCHS = {80: 163 * 1024, 90: 227 * 1024}  # usable shared memory per block (bytes)
 FLOP_B = 16384
-FLOP_DS = (512, 1024)
-NOMINAL = {"infonce": 8, "siglip": 6}  # FLOPs / (B²·D) of forward + backward
+# Head dims of attention (up to 256) and feature sizes of the contrastive losses.
+FLOP_DS = (64, 128, 256, 512, 1024)
+# FLOPs / (B²·D) of forward + backward; attention per head with Lq = Lk = B (forward 4,
+# backward 2.5× that).
+NOMINAL = {"infonce": 8, "siglip": 6, "attention": 14}
 
 
 def _cuobjdump() -> str:
@@ -107,7 +111,7 @@ def work_summary(specs: list[dict]) -> list[dict]:
                     executed = sum(f for f in (s["flops"](FLOP_B, d) for s in kernels) if f)
                     # A loss-only evaluation's nominal work is one product of the logits.
                     nominal = (2 if path == "loss-only" else NOMINAL[op]) * FLOP_B**2 * d
-                    ratios.append(executed / nominal)
+                    ratios.append(executed / nominal if executed else None)
                 rows.append({"op": op, "family": fam, "path": path, "ratios": ratios})
     return rows
 
@@ -140,14 +144,14 @@ def main(argv: list[str]) -> int:
               f"{str(row['mma']):<5} {str(row['wgmma']):<5} {flops} {status:<7} "
               f"{row['config']}", flush=True)
     from .._triton import all_specs
-    print(f"\nExecuted FLOPs / nominal (InfoNCE 8·B²·D, SigLIP 6·B²·D forward + backward; "
-          f"loss only: 2·B²·D) at B = {FLOP_B}")
-    print(f"{'op':<8} {'precision':<10} {'path':<14} " + " ".join(f"{'D=' + str(d):>7}"
-                                                               for d in FLOP_DS))
+    print(f"\nExecuted FLOPs / nominal (InfoNCE 8·B²·D, SigLIP 6·B²·D, attention 14·B²·D "
+          f"forward + backward; loss only: 2·B²·D) at B = {FLOP_B}")
+    print(f"{'op':<10} {'precision':<10} {'path':<14} " + " ".join(f"{'D=' + str(d):>7}"
+                                                                 for d in FLOP_DS))
     for row in work_summary(all_specs()):
         fam = {"16bit": "bf16/fp16", "tf32": "fp32/tf32", "ieee": "fp32/ieee"}[row["family"]]
-        print(f"{row['op']:<8} {fam:<10} {row['path']:<14} "
-              + " ".join(f"{r:>6.2f}×" for r in row["ratios"]))
+        print(f"{row['op']:<10} {fam:<10} {row['path']:<14} "
+              + " ".join(f"{'-':>7}" if r is None else f"{r:>6.2f}×" for r in row["ratios"]))
     if failed:
         print(f"gpu-report: {failed} kernel configs spill or exceed shared memory",
               file=sys.stderr)
