@@ -148,3 +148,19 @@ def warn_once() -> None:
         _state["warned"] = True
         warnings.warn(f"mmkernels: {error()}; CPU ops fall back to the eager reference",
                       RuntimeWarning, stacklevel=3)
+
+
+_faked: set = set()
+
+
+def register_fakes(fakes: dict) -> bool:
+    """Register the fake (meta) implementations of C++ ops (``"mmkernels::name": fn``), each
+    once, so that torch.compile and opcheck can trace them; True when they are registered.
+    Does nothing (False) when the extension is not loaded: the ops do not exist then."""
+    if load() is None:
+        return False
+    for name, fn in fakes.items():
+        if name not in _faked:
+            torch.library.register_fake(name, fn)
+            _faked.add(name)
+    return True

@@ -24,9 +24,6 @@ import torch
 
 from .. import _cpp
 
-_registered = False
-
-
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
@@ -51,20 +48,12 @@ def _bwd_fake(grad_out, q, k, v, out, lse, key_padding_mask, cu_seqlens_q, cu_se
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-def register_fakes() -> bool:
-    """Register the fake implementations of the C++ ops, once; True when they are registered.
+FAKES = {"mmkernels::attention_cpu_fwd": _fwd_fake, "mmkernels::attention_cpu_bwd": _bwd_fake}
 
-    Does nothing (False) when the extension is not loaded: the ops do not exist then.
-    """
-    global _registered
-    if _registered:
-        return True
-    if _cpp.load() is None:
-        return False
-    torch.library.register_fake("mmkernels::attention_cpu_fwd", _fwd_fake)
-    torch.library.register_fake("mmkernels::attention_cpu_bwd", _bwd_fake)
-    _registered = True
-    return True
+
+def register_fakes() -> bool:
+    """Register this module's fakes (see ``_cpp.register_fakes``)."""
+    return _cpp.register_fakes(FAKES)
 
 
 register_fakes()

@@ -32,9 +32,6 @@ import torch
 
 from .. import _cpp
 
-_registered = False
-
-
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
@@ -81,21 +78,14 @@ def _siglip_pass_fake(image, text, scale, bias, diag_offset, want_grad):
     return (image.new_empty((), dtype=dtype), a_i, a_t, image.new_empty((), dtype=dtype))
 
 
-def register_fakes() -> bool:
-    """Register the fake implementations of the C++ ops, once; True when they are registered.
+FAKES = {"mmkernels::infonce_lse": _infonce_lse_fake,
+         "mmkernels::infonce_grad": _infonce_grad_fake,
+         "mmkernels::siglip_pass": _siglip_pass_fake}
 
-    Does nothing (False) when the extension is not loaded: the ops do not exist then.
-    """
-    global _registered
-    if _registered:
-        return True
-    if _cpp.load() is None:
-        return False
-    torch.library.register_fake("mmkernels::infonce_lse", _infonce_lse_fake)
-    torch.library.register_fake("mmkernels::infonce_grad", _infonce_grad_fake)
-    torch.library.register_fake("mmkernels::siglip_pass", _siglip_pass_fake)
-    _registered = True
-    return True
+
+def register_fakes() -> bool:
+    """Register this module's fakes (see ``_cpp.register_fakes``)."""
+    return _cpp.register_fakes(FAKES)
 
 
 register_fakes()

@@ -142,7 +142,8 @@ class Attention:
     flops_note = "forward QKᵀ and PV; backward 2.5× forward; padded keys not counted"
     flops_basis = ("the useful work: keys that are padding are not counted, so an implementation "
                    "that computes them shows a lower rate")
-    x_field, x_label = "Lq", "query length Lq"
+    # Scenarios, not sizes: the plots are grouped bars per case.
+    x_field = x_label = None
     # The pytest-benchmark cases (benchmarks/test_bench.py): milliseconds each.
     smoke_cases = (Case("padded", "fwd+bwd", 3, 2, 9, 40, 16, "fp32"),
                    Case("packed", "fwd+bwd", 4, 2, 24, 40, 16, "fp32"),
@@ -236,4 +237,100 @@ class Attention:
         return linear + (0 if fused else 4 * case.B * case.H * case.Lq * case.Lk * 4)
 
 
-OPS = {"attention": Attention()}
+@dataclass(frozen=True)
+class MhaCase:
+    B: int
+    Lq: int
+    Lk: int
+    E: int
+    heads: int
+    kdim: int
+    dtype: str
+
+    def __str__(self) -> str:
+        return f"mha-B={self.B}-Lq={self.Lq}-Lk={self.Lk}-E={self.E}-{self.dtype}"
+
+    def aligned(self) -> str:
+        return (f"B={self.B:<3} Lq={self.Lq:<4} Lk={self.Lk:<4} E={self.E} heads={self.heads} "
+                f"kdim={self.kdim} {self.dtype}")
+
+
+def _torch_mha(query, key, value, mask, ours, theirs):
+    return theirs(query, key, value, key_padding_mask=mask, need_weights=False)[0].sum()
+
+
+def _our_mha(query, key, value, mask, ours, theirs):
+    return ours(query, key, value, key_padding_mask=mask, need_weights=False)[0].sum()
+
+
+@dataclass(frozen=True)
+class MultiheadAttentionModule:
+    """The module drop-in: torch.nn.MultiheadAttention against mmkernels.nn.MultiheadAttention
+    loaded with its state dict, text over padded image tokens (need_weights=False, both
+    modules' fast paths), projections included."""
+
+    name = "mha"
+    title = "nn.MultiheadAttention (cross-attention, padded image tokens)"
+    case_type = MhaCase
+    impls = ("eager", peers.COMPILE, "mmkernels")
+    quick_help = "mha: one case"
+    sizes_help = "mha: not used"
+    warmup = "a B=2 warm-up"
+    step = ("`module(text, image, image, key_padding_mask, need_weights=False)[0].sum()"
+            ".backward()`; eager is torch.nn.MultiheadAttention, compile its torch.compile")
+    flops_formula = "attention 4·H·hd·Σ Lq·Lk_valid ×3.5 + projections 6·(Lq·E + 2·Lk·kdim + Lq·E)·E·B"
+    flops_note = "attention as in the attention op, plus the four projections forward and backward"
+    flops_basis = "the useful work (padded keys not counted in the attention term)"
+    x_field = x_label = None
+    smoke_cases = (MhaCase(3, 9, 20, 32, 4, 24, "fp32"),)
+
+    def _lengths(self, case):
+        gen = torch.Generator().manual_seed(2000 + case.B + case.Lk)
+        return torch.randint(case.Lk // 2, case.Lk + 1, (case.B,), generator=gen).tolist()
+
+    def flops(self, case) -> int:
+        lk = self._lengths(case)
+        attention = 4 * case.E * case.Lq * sum(lk) * (1 + BACKWARD_FACTOR)
+        projections = 6 * case.B * (2 * case.Lq * case.E + 2 * case.Lk * case.kdim) * case.E
+        return int(attention + projections)
+
+    def plan(self, device, quick, sizes, dtypes, impls):
+        cases = [MhaCase(32, 64, 256, 512, 8, 1024, dt) for dt in dtypes]
+        return [(c, tuple(i for i in self.impls if i in impls)) for c in cases]
+
+    def build(self, impl: str) -> Callable:
+        if impl == "mmkernels":
+            return _our_mha
+        if impl == "eager":
+            return _torch_mha
+        if impl == peers.COMPILE:
+            return peers.compiled(_torch_mha)
+        raise ValueError(f"unknown implementation {impl!r}; expected one of {self.impls}")
+
+    def make_inputs(self, case, device: str, seed: int = 0) -> tuple:
+        torch.manual_seed(seed)
+        dtype = DTYPES[case.dtype]
+        theirs = torch.nn.MultiheadAttention(case.E, case.heads, kdim=case.kdim, vdim=case.kdim,
+                                             batch_first=True).to(device, dtype)
+        ours = mmkernels.nn.MultiheadAttention(case.E, case.heads, kdim=case.kdim,
+                                               vdim=case.kdim, batch_first=True).to(device, dtype)
+        ours.load_state_dict(theirs.state_dict())
+        text = torch.randn(case.B, case.Lq, case.E, device=device, dtype=dtype)
+        image = torch.randn(case.B, case.Lk, case.kdim, device=device, dtype=dtype)
+        valid = torch.tensor(self._lengths(case), device=device)[:, None]
+        mask = torch.arange(case.Lk, device=device)[None] >= valid
+        return text.requires_grad_(), image.requires_grad_(), image, mask, ours, theirs
+
+    def small_case(self, case):
+        return MhaCase(2, min(case.Lq, 8), min(case.Lk, 16), case.E, case.heads, case.kdim,
+                       case.dtype)
+
+    def resolved_backend(self, dtype: str, device: str) -> str:
+        return Attention().resolved_backend(dtype, device)
+
+    def estimate_bytes(self, impl, backend, case) -> int:
+        acts = 8 * case.B * (case.Lq * case.E + case.Lk * (case.kdim + case.E)) * 4
+        return acts + 4 * case.B * case.heads * case.Lq * case.Lk * 4
+
+
+OPS = {"attention": Attention(), "mha": MultiheadAttentionModule()}

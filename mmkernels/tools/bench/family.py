@@ -39,8 +39,8 @@ class BenchOp(Protocol):
     flops_formula: str        # nominal FLOPs as text, e.g. "8·B²·D"
     flops_note: str           # where that count comes from
     flops_basis: str          # why every implementation is scored on it (markdown)
-    x_field: str              # the case field on the plots' x axis
-    x_label: str              # and its axis label
+    x_field: str | None       # the case field on the plots' x axis (None: bars per case)
+    x_label: str | None       # and its axis label
     smoke_cases: tuple        # small cases benchmarks/test_bench.py runs every implementation on
 
     def plan(self, device: str, quick: bool, sizes, dtypes, impls) -> list[tuple]:

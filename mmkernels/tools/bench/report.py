@@ -172,14 +172,55 @@ _PEER_COLORS = ("tab:orange", "tab:red", "tab:purple", "tab:brown", "tab:pink", 
 _LINESTYLES = {"fp32": "-", "bf16": "--"}
 
 
+def _value(r: dict, metric: str) -> float:
+    return 1e3 * r["time_s"] if metric == "time" else r["extra_bytes"] / MiB
+
+
+def _bars(op: BenchOp, report: dict, metric: str, path: Path, plt) -> None:
+    """Grouped bars on a log axis: one group per case, one bar per implementation (families
+    whose cases are distinct scenarios rather than points on one size axis)."""
+    fields = [f for f in _case_fields(op) if len({r[f] for r in report["rows"]}) > 1]
+    cases: dict = {}
+    for r in report["rows"]:
+        cases.setdefault("\n".join(str(r[f]) for f in fields), {})[r["impl"]] = r
+    own = [i for i in op.impls if i not in _COLORS]
+    colors = {**_COLORS, **dict(zip(own, _PEER_COLORS))}
+    width = 0.8 / len(op.impls)
+    fig, ax = plt.subplots(figsize=(max(7.5, 1.1 * len(cases)), 4.8))
+    for k, impl in enumerate(op.impls):
+        xs, ys = [], []
+        for c, by_impl in enumerate(cases.values()):
+            r = by_impl.get(impl)
+            if r and r["status"] == "ok" and _value(r, metric) > 0:
+                xs.append(c + (k - (len(op.impls) - 1) / 2) * width)
+                ys.append(_value(r, metric))
+        label = next((r["label"] for by in cases.values() for i, r in by.items() if i == impl),
+                     impl)
+        ax.bar(xs, ys, width, label=label, color=colors[impl])
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(cases)), list(cases), fontsize=8)
+    ax.set_ylabel("median warm time per step (ms), interleaved" if metric == "time"
+                  else "peak extra memory (MiB)")
+    ax.set_title(f"{op.title} — {' / '.join(fields)}, {report['device']}")
+    ax.grid(True, axis="y", which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot(op: BenchOp, report: dict, metric: str, path: Path) -> None:
     """Log-log ``metric`` ("time" or "memory") against the op's x field, one line per
-    implementation (and per value of the other case fields when the run has several)."""
+    implementation (and per value of the other case fields when the run has several); grouped
+    bars per case when the op has no x field (``x_field = None``)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
+    if op.x_field is None:
+        _bars(op, report, metric, path, plt)
+        return
     rows, x = report["rows"], op.x_field
     others = {f: sorted({r[f] for r in rows}) for f in _case_fields(op) if f not in (x, "dtype")}
     dtypes = sorted({r["dtype"] for r in rows})
@@ -189,7 +230,7 @@ def plot(op: BenchOp, report: dict, metric: str, path: Path) -> None:
     for r in rows:
         if r["status"] != "ok":
             continue
-        value = 1e3 * r["time_s"] if metric == "time" else r["extra_bytes"] / MiB
+        value = _value(r, metric)
         if value <= 0:  # a log axis cannot show it (a few-KiB RSS change reads as 0 or less)
             continue
         name = r["label"] + "".join(f" {f}={r[f]}" for f, vs in others.items() if len(vs) > 1) \
