@@ -156,11 +156,15 @@ _faked: set = set()
 def register_fakes(fakes: dict) -> bool:
     """Register the fake (meta) implementations of C++ ops (``"mmkernels::name": fn``), each
     once, so that torch.compile and opcheck can trace them; True when they are registered.
-    Does nothing (False) when the extension is not loaded: the ops do not exist then."""
+    Does nothing (False) when the extension is not loaded: the ops do not exist then.
+
+    Called from the module each op names with ``m.set_python_module`` (its ``cpu.py``):
+    torch checks that the fake is registered from there, so the registration is attributed
+    to our caller's frame (``_stacklevel=2``)."""
     if load() is None:
         return False
     for name, fn in fakes.items():
         if name not in _faked:
-            torch.library.register_fake(name, fn)
+            torch.library.register_fake(name, fn, _stacklevel=2)
             _faked.add(name)
     return True

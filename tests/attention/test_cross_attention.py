@@ -183,6 +183,20 @@ def test_dropout_same_seed_same_result(backend):
     assert not torch.equal(ATTN(q, k, v, dropout_p=0.5, backend=backend), runs[0][0])
 
 
+@pytest.mark.slow
+def test_dropout_under_compile_is_repeatable():
+    """Compiled, the seed comes from Inductor's RNG (as for torch's dropout): the same
+    manual_seed repeats the compiled result, another seed changes it."""
+    q, k, v, _ = dense(2, 4, 2, 5, 7, 8, 6, device=device(), requires_grad=False)
+    torch._dynamo.reset()
+    step = torch.compile(lambda q, k, v: ATTN(q, k, v, dropout_p=0.2), fullgraph=True)
+    outs = []
+    for seed in (5, 5, 6):
+        torch.manual_seed(seed)
+        outs.append(step(q, k, v))
+    assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2])
+
+
 @pytest.mark.parametrize("backend", fast_backends())
 def test_dropout_keep_fraction_and_unbiased(backend):
     """With v = identity rows the output is the kept, rescaled probabilities: the kept
