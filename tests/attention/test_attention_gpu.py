@@ -61,15 +61,17 @@ def test_fp32_exact_and_tf32(shape, precision):
     assert_close(out, ref, FP32_RTOL, "out")
     for g, r in zip(grads, ref_grads):
         assert_close(g, r, FP32_RTOL, "gradient")
+    # TF32: compared with an oracle fed the TF32-rounded operands the kernels see (q, k, v, dO;
+    # P and dS are rounded inside, which the oracle cannot mirror: hence 1e-3 on gradients, as
+    # in test_attention_triton.py).
     precision("high")
     out = mmkernels.cross_attention(q, k, v, key_padding_mask=m, backend="triton")
     grads = torch.autograd.grad(out, (q, k, v), w)
+    rq, rk, rv = (round_tf32(x.detach()) for x in (q, k, v))
+    ref, _, ref_grads = oracle(rq, rk, rv, round_tf32(w), key_padding_mask=m)
     assert_close(out, ref, TF32_RTOL, "tf32 out")
     for g, r in zip(grads, ref_grads):
-        assert_close(g, r, 3 * TF32_RTOL, "tf32 gradient")
-    rq, rk, rv = (round_tf32(x.detach()) for x in (q, k, v))
-    ref_rounded, _, _ = oracle(rq, rk, rv, key_padding_mask=m)
-    assert_close(out, ref_rounded, TF32_RTOL, "tf32 out vs rounded oracle")
+        assert_close(g, r, 1e-3, "tf32 gradient")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -93,13 +95,26 @@ def test_as_accurate_as_sdpa_flash(dtype):
 
 
 def test_varlen_large():
+    """A packed bf16 batch with empty sequences, within 2× (3× for gradients) the error of the
+    same computation done eagerly in bf16, sequence by sequence."""
     lens_q = torch.randint(0, 200, (64,)).tolist()
     lens_k = torch.randint(0, 600, (64,)).tolist()
     q, k, v, cq, ck = varlen(lens_q, lens_k, 8, 2, 64, 64, dtype=torch.bfloat16, device="cuda")
     out = mmkernels.cross_attention_varlen(q, k, v, cq, ck, backend="triton")
-    w = torch.randn_like(out, dtype=torch.float32)
-    grads = torch.autograd.grad(out, (q, k, v), w.to(out.dtype))
+    w = torch.randn(out.shape, device="cuda").to(out.dtype)
+    grads = torch.autograd.grad(out, (q, k, v), w)
+    eager = []
+    for s in range(64):
+        a, b, c, d = cq[s].item(), cq[s + 1].item(), ck[s].item(), ck[s + 1].item()
+        if d == c:
+            eager.append(out.new_zeros(b - a, 8, 64))
+            continue
+        one = _eager(q[a:b].transpose(0, 1)[None], k[c:d].transpose(0, 1)[None],
+                     v[c:d].transpose(0, 1)[None], None)
+        eager.append(one[0].transpose(0, 1))
+    eager = torch.cat(eager)
+    eager_grads = torch.autograd.grad(eager, (q, k, v), w)
     ref, _, ref_grads = oracle(q, k, v, w, cu_seqlens_q=cq, cu_seqlens_k=ck)
-    assert_close(out, ref, 1e-2, "out")
-    for g, r in zip(grads, ref_grads):
-        assert_close(g, r, 3e-2, "gradient")
+    assert_close(out, ref, low_precision_rtol(eager, ref, 2), "out")
+    for g, e, r in zip(grads, eager_grads, ref_grads):
+        assert_close(g, r, low_precision_rtol(e, r, 3), "gradient")
