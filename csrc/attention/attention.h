@@ -120,7 +120,7 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* a, int64_t
 }
 
 // ---------------------------------------------------------------------------------------
-// Dropout: the counter-based hash of mmkernels/attention/reference.py (dropout_uniform)
+// Dropout: the counter-based hash of mmkernels/_rng.py (dropout_uniform)
 // ---------------------------------------------------------------------------------------
 
 MMK_INLINE uint32_t fmix32(uint32_t x) {

@@ -48,7 +48,7 @@ its output is 0/1 = 0 and its lse +inf, and in the backward exp2(s₂ − inf) =
 every gradient. Query rows past a sequence's end load lse = +inf: they contribute nothing.
 NaN in any input that a row sees propagates to its outputs (a NaN score makes p NaN).
 
-Dropout: kept iff u ≥ p for the contract's counter hash (``reference.dropout_uniform``)
+Dropout: kept iff u ≥ p for the contract's counter hash (``mmkernels._rng.dropout_uniform``)
 evaluated in uint32 arithmetic; the comparison is done on integers, (h >> 8) ≥ ⌈p·2²⁴⌉, which
 equals u = (h >> 8)·2⁻²⁴ ≥ p exactly. The key half of the hash, fmix32(key ^ seed_hi), is one
 vector per key block; each score then costs two fmix32. The backward regenerates the mask.

@@ -14,49 +14,16 @@ Semantics every backend shares (``forward``'s contract):
   for float64 inputs, float32 otherwise) — log Σ_j exp(scale·q·k_j) over the keys it sees.
 * dropout: probabilities are kept where ``dropout_keep`` says, and scaled by 1/(1 − p). The
   mask is a pure function of (seed, row, key) — row = the query row's flat index in lse,
-  key = the key's index within its sequence — so every backend draws the same mask and a
-  backward regenerates it instead of storing it.
+  key = the key's index within its sequence (``mmkernels._rng.dropout_uniform(seed, row,
+  key)``) — so every backend draws the same mask and a backward regenerates it instead of
+  storing it.
 """
 from __future__ import annotations
 
 import torch
 
+from .._rng import dropout_uniform
 from .._validate import compute_dtype
-
-_M32 = 0xFFFFFFFF
-
-
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """(x · c) mod 2³² for x in [0, 2³²) held in int64, without int64 overflow."""
-    lo = (x & 0xFFFF) * c
-    hi = (((x >> 16) * c) & 0xFFFF) << 16
-    return (lo + hi) & _M32
-
-
-def _fmix32(x: torch.Tensor) -> torch.Tensor:
-    """MurmurHash3's 32-bit finalizer: a bijection of [0, 2³²) with good avalanche."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x85EBCA6B)
-    x = x ^ (x >> 13)
-    x = _mul32(x, 0xC2B2AE35)
-    return x ^ (x >> 16)
-
-
-def dropout_uniform(seed: int, rows: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """The counter-based uniform in [0, 1) (multiples of 2⁻²⁴, float64) that decides whether
-    probability (row, key) is kept: kept iff u >= dropout_p. ``rows``/``keys`` are int64
-    tensors that broadcast; ``seed`` an int in [0, 2⁶³). The C++ and Triton kernels compute
-    the same integers with uint32 arithmetic:
-
-        h = fmix32(fmix32(fmix32(key ^ seed_hi) ^ row) + seed_lo)    (mod 2³²)
-        u = (h >> 8) · 2⁻²⁴
-    """
-    seed_lo, seed_hi = seed & _M32, (seed >> 32) & _M32
-    h = _fmix32(keys ^ seed_hi)
-    h = _fmix32(h ^ rows)
-    h = _fmix32((h + seed_lo) & _M32)
-    return (h >> 8).to(torch.float64) * 2.0 ** -24
-
 
 def _dense(q, k, v, mask, causal, scale, dropout_p, seed, rows):
     """One dense block: q (B, H, Lq, D), k (B, Hk, Lk, D), v (B, Hk, Lk, Dv), mask (B, Lk) or
