@@ -29,17 +29,24 @@ def is_number(x) -> bool:
         and type(x).__name__ != "bool_"
 
 
-def features(op: str, name: str, t) -> torch.Tensor:
-    """A (B, D) floating-point tensor with B, D >= 1."""
+def floating_tensor(op: str, name: str, t, shape: str, dim: int) -> torch.Tensor:
+    """A floating-point tensor of rank ``dim``; ``shape`` names its dims in the messages
+    (e.g. "(B, D)")."""
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{op}: {name} must be a torch.Tensor of shape (B, D), "
+        raise TypeError(f"{op}: {name} must be a torch.Tensor of shape {shape}, "
                         f"got {type(t).__name__}")
-    if t.dim() != 2:
-        raise ValueError(f"{op}: {name} must have shape (B, D), got a {t.dim()}-D tensor "
+    if t.dim() != dim:
+        raise ValueError(f"{op}: {name} must have shape {shape}, got a {t.dim()}-D tensor "
                          f"of shape {tuple(t.shape)}")
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{op}: {name} must be float16, bfloat16, float32 or float64, "
                         f"got {dtype_name(t.dtype)}")
+    return t
+
+
+def features(op: str, name: str, t) -> torch.Tensor:
+    """A (B, D) floating-point tensor with B, D >= 1."""
+    floating_tensor(op, name, t, "(B, D)", 2)
     if t.shape[0] < 1 or t.shape[1] < 1:
         raise ValueError(f"{op}: {name} must have B >= 1 and D >= 1, got shape {tuple(t.shape)}")
     return t

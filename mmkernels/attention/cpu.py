@@ -23,9 +23,8 @@ from __future__ import annotations
 import torch
 
 from .. import _cpp
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+from .._validate import compute_dtype
+from .reference import output_shapes
 
 
 def _fwd_fake(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, causal, scale, dropout_p,
@@ -35,9 +34,8 @@ def _fwd_fake(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, causal, sca
                  lambda: f"q must be {'3' if varlen else '4'}-D, got shape {tuple(q.shape)}")
     torch._check(k.dim() == q.dim() and v.dim() == q.dim(),
                  lambda: f"q, k and v must have the same rank, got {q.dim()}, {k.dim()}, {v.dim()}")
-    out = q.new_empty((*q.shape[:-1], v.shape[-1]))
-    lse_shape = (q.shape[1], q.shape[0]) if varlen else tuple(q.shape[:-1])
-    return out, q.new_empty(lse_shape, dtype=_compute_dtype(q))
+    out_shape, lse_shape = output_shapes(q, v, varlen)
+    return q.new_empty(out_shape), q.new_empty(lse_shape, dtype=compute_dtype(q.dtype))
 
 
 def _bwd_fake(grad_out, q, k, v, out, lse, key_padding_mask, cu_seqlens_q, cu_seqlens_k, causal,

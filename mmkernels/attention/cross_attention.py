@@ -63,16 +63,10 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Te
     return out, lse, torch.tensor(tf32)
 
 
-def _out_shapes(q, v, varlen: bool):
-    if varlen:
-        return (*q.shape[:2], v.shape[-1]), (q.shape[1], q.shape[0])
-    return (*q.shape[:3], v.shape[-1]), tuple(q.shape[:3])
-
-
 @attention_fwd.register_fake
 def _(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
       scale, dropout_p, seed, backend):
-    out_shape, lse_shape = _out_shapes(q, v, cu_seqlens_q is not None)
+    out_shape, lse_shape = reference.output_shapes(q, v, cu_seqlens_q is not None)
     # new_empty: the kernels' outputs are contiguous whatever the inputs' strides.
     return (q.new_empty(out_shape), q.new_empty(lse_shape, dtype=_validate.compute_dtype(q.dtype)),
             torch.empty((), dtype=torch.bool))
@@ -135,19 +129,6 @@ attention_fwd.register_autograd(_autograd_backward, setup_context=_setup_context
 # Argument checks
 # ---------------------------------------------------------------------------------------
 
-def _tensor(op, name, x, shape: str, dim: int) -> Tensor:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{op}: {name} must be a torch.Tensor of shape {shape}, "
-                        f"got {type(x).__name__}")
-    if x.dim() != dim:
-        raise ValueError(f"{op}: {name} must have shape {shape}, got a {x.dim()}-D tensor of "
-                         f"shape {tuple(x.shape)}")
-    if x.dtype not in _validate.FLOAT_DTYPES:
-        raise TypeError(f"{op}: {name} must be float16, bfloat16, float32 or float64, got "
-                        f"{_validate.dtype_name(x.dtype)}")
-    return x
-
-
 def _qkv(op, q, k, v, varlen: bool):
     """Checks q, k, v (dense (B, H, L, D) or packed (T, H, D)); returns H, Hk, Dqk, Dv."""
     if varlen:
@@ -156,7 +137,7 @@ def _qkv(op, q, k, v, varlen: bool):
         names = ("(B, H, Lq, Dqk)", "(B, Hk, Lk, Dqk)", "(B, Hk, Lk, Dv)")
     dim = 3 if varlen else 4
     for name, x, shape in zip("qkv", (q, k, v), names):
-        _tensor(op, name, x, shape, dim)
+        _validate.floating_tensor(op, name, x, shape, dim)
     if not q.dtype == k.dtype == v.dtype:
         raise TypeError(f"{op}: q, k and v must have the same dtype, got "
                         f"{', '.join(_validate.dtype_name(x.dtype) for x in (q, k, v))}")

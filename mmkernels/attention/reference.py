@@ -25,6 +25,13 @@ import torch
 from .._rng import dropout_uniform
 from .._validate import compute_dtype
 
+def output_shapes(q, v, varlen: bool) -> tuple[tuple, tuple]:
+    """(out shape, lse shape): (B, H, Lq, Dv) and (B, H, Lq) dense, (Tq, H, Dv) and (H, Tq)
+    varlen (the fakes of every backend's ops allocate these)."""
+    out = (*q.shape[:-1], v.shape[-1])
+    return out, ((q.shape[1], q.shape[0]) if varlen else tuple(q.shape[:-1]))
+
+
 def _dense(q, k, v, mask, causal, scale, dropout_p, seed, rows):
     """One dense block: q (B, H, Lq, D), k (B, Hk, Lk, D), v (B, Hk, Lk, Dv), mask (B, Lk) or
     None, rows (B, H, Lq) int64 (the dropout row ids). Returns out (acc dtype), lse."""

@@ -31,10 +31,7 @@ from __future__ import annotations
 import torch
 
 from .. import _cpp
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
+from .._validate import compute_dtype
 
 def _check_features(image, text):
     torch._check(image.dim() == 2 and text.dim() == 2,
@@ -44,7 +41,7 @@ def _check_features(image, text):
     torch._check(image.shape[1] == text.shape[1],
                  lambda: f"image and text must have the same feature size, got "
                          f"{image.shape[1]} and {text.shape[1]}")
-    return _compute_dtype(image)
+    return compute_dtype(image.dtype)
 
 
 def _infonce_lse_fake(image, text, scale, bias, offset, keep):
