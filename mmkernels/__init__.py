@@ -5,11 +5,13 @@ Triton on CUDA, C++ on CPU (the optional extension ``mmkernels._C``), and an eag
 reference that is both the test oracle and the fallback. Importing the package touches
 neither CUDA nor triton.
 """
-from . import _cpp, nn
+from . import _cpp, lora, nn
 from ._dispatch import BackendUnavailableError, available_backends, unavailable_reasons
 from .attention.cross_attention import cross_attention, cross_attention_varlen
 from .contrastive.infonce import infonce_loss
 from .contrastive.siglip import siglip_loss
+from .lora.adapters import apply_lora
+from .lora.lora_linear import lora_linear
 
 __version__ = "0.1.0"
 
@@ -22,10 +24,13 @@ if _cpp.load() is not None:
 
 __all__ = [
     "BackendUnavailableError",
+    "apply_lora",
     "available_backends",
     "cross_attention",
     "cross_attention_varlen",
     "infonce_loss",
+    "lora",
+    "lora_linear",
     "nn",
     "siglip_loss",
     "unavailable_reasons",

@@ -7,6 +7,8 @@ exactly. Each op documents what its rows and columns are.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 _M32 = 0xFFFFFFFF
@@ -42,3 +44,12 @@ def dropout_uniform(seed: int, rows: torch.Tensor, keys: torch.Tensor) -> torch.
     h = _fmix32(h ^ rows)
     h = _fmix32((h + seed_lo) & _M32)
     return (h >> 8).to(torch.float64) * 2.0 ** -24
+
+
+def draw_seed(dropout_p: float, device) -> Optional[torch.Tensor]:
+    """An op's dropout seed: drawn from torch's generator for ``device`` (so torch.manual_seed
+    makes a run repeatable), kept as a 0-dim int64 tensor so torch.compile need not specialize
+    on it; None without dropout."""
+    if dropout_p == 0.0:
+        return None
+    return torch.randint(0, 2**62, (), dtype=torch.int64, device=device)

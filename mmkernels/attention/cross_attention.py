@@ -23,6 +23,7 @@ from torch import Tensor
 from .. import _dispatch, _validate
 from .._autograd import double_backward
 from .._dispatch import TRITON_DTYPES, Impl
+from .._rng import draw_seed
 from . import reference
 
 OP = "cross_attention"
@@ -183,14 +184,6 @@ def _options(op, causal, scale, dropout_p, dqk):
     return bool(causal), float(scale), float(dropout_p)
 
 
-def _seed(dropout_p: float, device) -> Optional[Tensor]:
-    """The dropout seed: drawn from torch's generator for ``device`` (so torch.manual_seed
-    makes a run repeatable), kept as a tensor so torch.compile need not specialize on it."""
-    if dropout_p == 0.0:
-        return None
-    return torch.randint(0, 2**62, (), dtype=torch.int64, device=device)
-
-
 def _cu_seqlens(op, name, cu, total: int, device) -> list[int]:
     if not isinstance(cu, Tensor):
         raise TypeError(f"{op}: {name} must be an int32 torch.Tensor of shape (N + 1,), got "
@@ -230,7 +223,7 @@ def _max_seqlen(op, name, given, values) -> int:
 # ---------------------------------------------------------------------------------------
 
 def _run(name, q, k, v, mask, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p):
-    seed = _seed(dropout_p, q.device)
+    seed = draw_seed(dropout_p, q.device)
     if name == "reference":
         return reference.forward(q, k, v, mask, cu_q, cu_k, causal, scale, dropout_p,
                                  0 if seed is None else int(seed))[0]

@@ -50,4 +50,4 @@ def forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0, ada
             if rows.numel():
                 delta = scales[n] * ((xd[rows] @ A[n].T) @ B[n].T)
                 y = y.index_add(0, rows, delta)
-    return y.reshape(*lead, -1).to(x.dtype)
+    return y.reshape(*lead, weight.shape[0]).to(x.dtype)
