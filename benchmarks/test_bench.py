@@ -43,10 +43,12 @@ def test_step(benchmark, name, impl, case):
 
     # Every implementation computes the eager value: a wrongly wired one would time something
     # else. (Triton's fp32 dot uses TF32 on GPU, hence the looser CUDA tolerance.)
-    expected = op.build("eager")(*(t.detach() if isinstance(t, torch.Tensor) else t
-                                   for t in inputs))
-    tol = 1e-4 if DEVICE == "cpu" else 1e-2
-    torch.testing.assert_close(result.float(), expected.float(), rtol=tol, atol=tol)
+    # A floor (e.g. LoRA's frozen Linear alone) computes less than the op by design.
+    if impl not in getattr(op, "floors", ()):
+        expected = op.build("eager")(*(t.detach() if isinstance(t, torch.Tensor) else t
+                                       for t in inputs))
+        tol = 1e-4 if DEVICE == "cpu" else 1e-2
+        torch.testing.assert_close(result.float(), expected.float(), rtol=tol, atol=tol)
     if grads:
         assert any(isinstance(t, torch.Tensor) and t.grad is not None for t in inputs)
 

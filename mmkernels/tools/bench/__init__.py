@@ -33,7 +33,7 @@ import torch
 from . import harness, report
 
 # The op families: modules of this package, each defining OPS (name -> family.BenchOp).
-FAMILIES = ("contrastive", "attention")
+FAMILIES = ("contrastive", "attention", "lora")
 OPS = {name: op for family in FAMILIES
        for name, op in importlib.import_module(f"{__name__}.{family}").OPS.items()}
 IMPLS = tuple(dict.fromkeys(impl for op in OPS.values() for impl in op.impls))

@@ -42,6 +42,8 @@ class BenchOp(Protocol):
     x_field: str | None       # the case field on the plots' x axis (None: bars per case)
     x_label: str | None       # and its axis label
     smoke_cases: tuple        # small cases benchmarks/test_bench.py runs every implementation on
+    # Optional: ``floors``, implementations that do less than the op by design (LoRA's frozen
+    # Linear alone), timed as a lower bound and exempt from the smoke tests' value check.
 
     def plan(self, device: str, quick: bool, sizes, dtypes, impls) -> list[tuple]:
         """(case, implementations) in run order; ``sizes`` replaces the default list."""
