@@ -28,21 +28,9 @@
 #include <vector>
 
 #include "common/alloc.h"
+#include "common/blas.h"
+#include "common/dropout.h"
 #include "common/math.h"
-
-// Fortran BLAS as exported by libtorch_cpu when torch is built with MKL (the LP64 interface,
-// 32-bit integers, which is what ATen itself calls). Declared weak: a torch without these
-// symbols still loads the extension, and gemm() below then goes through ATen instead.
-#if AT_MKL_ENABLED()
-extern "C" {
-void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
-            const float* beta, float* c, const int* ldc) __attribute__((weak));
-void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-            const double* alpha, const double* a, const int* lda, const double* b,
-            const int* ldb, const double* beta, double* c, const int* ldc) __attribute__((weak));
-}
-#endif
 
 namespace mmk {
 namespace attention {
@@ -75,69 +63,11 @@ constexpr int64_t kBwdQBlock = 64;
 constexpr int64_t kBwdKBlock = 128;
 
 // ---------------------------------------------------------------------------------------
-// Tile GEMM
-// ---------------------------------------------------------------------------------------
-
-// C (m x n, row stride ldc) = op(A) op(B), or += with `accumulate`. A is stored row-major as
-// (m x k) with row stride lda, or as (k x m) when ta (op(A) = A^T); B likewise as (k x n), or
-// (n x k) when tb. Row strides must be >= the row length (BLAS's rule); the operand views
-// below guarantee it. Called from worker threads: BLAS then runs single-threaded.
-// The kernels only make products with m, n, k >= 1.
-template <typename T>
-void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda,
-          const T* b, int64_t ldb, T* c, int64_t ldc, bool accumulate) {
-#if AT_MKL_ENABLED()
-  // Straight to BLAS: through ATen (tensor wrappers + dispatch) a 64 x 64 x 256 tile product
-  // costs ~1.5 us more, 7-20% of the tile. Row-major C = op(A) op(B) is column-major
-  // C^T = op(B)^T op(A)^T, so B is passed first.
-  constexpr bool kDouble = std::is_same<T, double>::value;
-  const bool have = kDouble ? dgemm_ != nullptr : sgemm_ != nullptr;
-  if (have && std::max({m, n, k, lda, ldb, ldc}) <= INT_MAX) {
-    const int M = static_cast<int>(n), N = static_cast<int>(m), K = static_cast<int>(k);
-    const int LDA = static_cast<int>(ldb), LDB = static_cast<int>(lda),
-              LDC = static_cast<int>(ldc);
-    const char TA = tb ? 'T' : 'N', TB = ta ? 'T' : 'N';
-    const T one = 1, beta = accumulate ? 1 : 0;
-    if constexpr (kDouble) {
-      dgemm_(&TA, &TB, &M, &N, &K, &one, b, &LDA, a, &LDB, &beta, c, &LDC);
-    } else {
-      sgemm_(&TA, &TB, &M, &N, &K, &one, b, &LDA, a, &LDB, &beta, c, &LDC);
-    }
-    return;
-  }
-#endif
-  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-  const at::Tensor A = ta ? at::from_blob(const_cast<T*>(a), {k, m}, {lda, 1}, opts).t()
-                          : at::from_blob(const_cast<T*>(a), {m, k}, {lda, 1}, opts);
-  const at::Tensor B = tb ? at::from_blob(const_cast<T*>(b), {n, k}, {ldb, 1}, opts).t()
-                          : at::from_blob(const_cast<T*>(b), {k, n}, {ldb, 1}, opts);
-  at::Tensor C = at::from_blob(c, {m, n}, {ldc, 1}, opts);
-  if (accumulate) {
-    C.addmm_(A, B);
-  } else {
-    at::mm_out(C, A, B);
-  }
-}
-
-// ---------------------------------------------------------------------------------------
 // Dropout: the counter-based hash of mmkernels/_rng.py (dropout_uniform)
 // ---------------------------------------------------------------------------------------
 
-MMK_INLINE uint32_t fmix32(uint32_t x) {
-  x ^= x >> 16;
-  x *= 0x85EBCA6Bu;
-  x ^= x >> 13;
-  x *= 0xC2B2AE35u;
-  x ^= x >> 16;
-  return x;
-}
-
-// Probability (row, key) is kept iff u = (h >> 8) 2^-24 >= p, h = fmix32(fmix32(fmix32(key ^
-// seed_hi) ^ row) + seed_lo). The innermost fmix32 depends on the key only, so it is
-// tabulated once per call (key_hash); a tile element then costs two fmix32. u >= p is
-// compared exactly in integers: u is a multiple of 2^-24, so u >= p iff (h >> 8) >=
-// ceil(p 2^24). Rows are the query rows' flat lse indices, taken mod 2^32 (the reference's
-// uint32 arithmetic; any real row count is far below 2^32).
+// The shared hash (common/dropout.h): rows are the query rows' flat lse indices, columns the
+// keys, whose hashes (key_hash) are tabulated once per call.
 struct Dropout {
   bool on = false;
   uint32_t seed_lo = 0, threshold = 0;
@@ -145,7 +75,7 @@ struct Dropout {
   std::vector<uint32_t> key_hash;
 
   MMK_INLINE static bool keep(uint32_t kh, uint32_t row, uint32_t seed_lo, uint32_t threshold) {
-    return (fmix32(fmix32(kh ^ row) + seed_lo) >> 8) >= threshold;
+    return dropout_keep(kh, row, seed_lo, threshold);
   }
 };
 
@@ -305,8 +235,6 @@ inline Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::
                 " and ", v.size(0));
   }
   TORCH_CHECK(std::isfinite(scale), fn, ": scale must be finite, got ", scale);
-  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, fn, ": dropout_p must be in [0, 1), got ",
-              dropout_p);
 
   if (p.varlen) {
     TORCH_CHECK(!(key_padding_mask.has_value() && key_padding_mask->defined()), fn,
@@ -362,27 +290,16 @@ inline Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::
     }
   }
 
-  if (dropout_p > 0.0) {
-    TORCH_CHECK(seed.has_value() && seed->defined(), fn,
-                ": seed (an int64 tensor with one element) is required when dropout_p > 0");
-    const at::Tensor& sd = *seed;
-    TORCH_CHECK(sd.device().is_cpu(), fn, ": seed must be a CPU tensor, got ", sd.device());
-    TORCH_CHECK(sd.scalar_type() == at::kLong && sd.numel() == 1, fn,
-                ": seed must be an int64 tensor with one element, got ", sd.scalar_type(),
-                " of shape ", sd.sizes());
-    const uint64_t s = static_cast<uint64_t>(sd.item<int64_t>());
+  const DropoutSeed ds = dropout_seed_arg(dropout_p, seed, fn);
+  if (ds.on) {
     Dropout& d = p.dropout;
     d.on = true;
-    d.seed_lo = static_cast<uint32_t>(s & 0xFFFFFFFFu);
-    const uint32_t seed_hi = static_cast<uint32_t>(s >> 32);
-    d.threshold = static_cast<uint32_t>(std::ceil(dropout_p * 16777216.0));
-    d.keep_scale = 1.0 / (1.0 - dropout_p);
+    d.seed_lo = ds.seed_lo;
+    d.threshold = ds.threshold;
+    d.keep_scale = ds.keep_scale;
     int64_t max_lk = 0;
     for (const Seq& s2 : p.seqs) max_lk = std::max(max_lk, s2.lk);
-    d.key_hash.resize(max_lk);
-    for (int64_t j = 0; j < max_lk; ++j) {
-      d.key_hash[j] = fmix32(static_cast<uint32_t>(j) ^ seed_hi);
-    }
+    d.key_hash = ds.column_hashes(max_lk);
   }
   return p;
 }
