@@ -82,7 +82,8 @@ setup(
     description="Fused kernels for multimodal training: contrastive losses, cross-modal attention, LoRA",
     packages=find_packages(include=["mmkernels", "mmkernels.*"]),
     python_requires=">=3.9",
-    install_requires=["torch>=2.4"],
+    # safetensors: PEFT's adapter checkpoint format (mmkernels.lora.save_adapter/load_adapter).
+    install_requires=["torch>=2.4", "safetensors"],
     extras_require={
         "triton": ["triton>=3.0"],
         # No open_clip_torch here: it depends on torchvision, which replaces a pinned CPU torch
@@ -90,6 +91,8 @@ setup(
         # install it with `pip install --no-deps open_clip_torch` (README, .ci/run).
         "test": ["pytest", "pytest-benchmark", "numpy", "matplotlib"],
         "bench": ["matplotlib", "pytest-benchmark"],
+        # PEFT (the LoRA peer): install with `-c constraints.txt` so it keeps the pinned torch.
+        "peft": ["peft"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

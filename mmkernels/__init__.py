@@ -21,6 +21,7 @@ __version__ = "0.1.0"
 if _cpp.load() is not None:
     from .attention import cpu as _attention_cpu  # noqa: F401
     from .contrastive import cpu as _contrastive_cpu  # noqa: F401
+    from .lora import cpu as _lora_cpu  # noqa: F401
 
 __all__ = [
     "BackendUnavailableError",
