@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import math
 import os
 import pkgutil
 
@@ -194,6 +195,54 @@ def store_rows(out_rows, mask_out, acc, D, ATOMIC: tl.constexpr, BLOCK_DV: tl.co
         tl.store(ptrs, acc, mask=mask)
 
 
+# Dropout: the counter hash of ``mmkernels._rng.dropout_uniform`` in uint32 arithmetic, one
+# implementation for every op (attention's probabilities, LoRA's adapter input). An element
+# (row, column) is kept iff u = (h >> 8)·2⁻²⁴ ≥ p with
+#     h = fmix32(fmix32(fmix32(column ^ seed_hi) ^ row) + seed_lo),
+# compared on integers as (h >> 8) ≥ ⌈p·2²⁴⌉ (``dropout_threshold``), which is exact. The
+# column half is one vector per column block (``dropout_column_hash``), so an element costs two
+# fmix32 (``dropout_kept``).
+
+
+@triton.jit
+def fmix32(x):
+    """MurmurHash3's 32-bit finalizer on uint32 (wrapping multiplications)."""
+    x ^= x >> 16
+    x *= 0x85EBCA6B
+    x ^= x >> 13
+    x *= 0xC2B2AE35
+    x ^= x >> 16
+    return x
+
+
+@triton.jit
+def seed_halves(seed_ptr, HAS_DROPOUT: tl.constexpr):
+    """(seed_lo, seed_hi) as uint32 from the int64 seed tensor (0, 0 without dropout); read
+    through a pointer, so drawing a seed never syncs the host."""
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr)
+        seed_lo = (seed & 0xFFFFFFFF).to(tl.uint32)
+        seed_hi = (seed >> 32).to(tl.uint32)
+    else:
+        seed_lo = 0
+        seed_hi = 0
+    return seed_lo, seed_hi
+
+
+@triton.jit
+def dropout_column_hash(cols, seed_hi):
+    """The column half of the dropout hash, fmix32(column ^ seed_hi), for a vector of
+    column indices (attention: the key's index in its sequence; LoRA: the feature)."""
+    return fmix32(cols.to(tl.uint32) ^ seed_hi)
+
+
+@triton.jit
+def dropout_kept(column_hash, rows, seed_lo, threshold):
+    """Keep mask for broadcast (column hash, row) pairs; ``rows`` uint32."""
+    h = fmix32(fmix32(column_hash ^ rows) + seed_lo)
+    return (h >> 8).to(tl.int32) >= threshold
+
+
 # ----------------------------------------------------------------------------------------------
 # Host helpers
 
@@ -233,6 +282,11 @@ def sized(cfg: dict, fam: str, D: int) -> dict:
             cfg[key] = min(cfg[key], d_pow2)
     cfg["INPUT_PRECISION"] = input_precision(fam)
     return cfg
+
+
+def dropout_threshold(p: float) -> int:
+    """⌈p·2²⁴⌉: u = (h >> 8)·2⁻²⁴ ≥ p  ⇔  (h >> 8) ≥ ⌈p·2²⁴⌉ (p·2²⁴ is exact in float64)."""
+    return math.ceil(p * 2.0**24)
 
 
 def deterministic() -> bool:

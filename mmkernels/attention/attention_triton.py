@@ -49,8 +49,9 @@ every gradient. Query rows past a sequence's end load lse = +inf: they contribut
 NaN in any input that a row sees propagates to its outputs (a NaN score makes p NaN).
 
 Dropout: kept iff u ≥ p for the contract's counter hash (``mmkernels._rng.dropout_uniform``)
-evaluated in uint32 arithmetic; the comparison is done on integers, (h >> 8) ≥ ⌈p·2²⁴⌉, which
-equals u = (h >> 8)·2⁻²⁴ ≥ p exactly. The key half of the hash, fmix32(key ^ seed_hi), is one
+evaluated in uint32 arithmetic (the helpers every op shares, ``mmkernels._triton``); the
+comparison is done on integers, (h >> 8) ≥ ⌈p·2²⁴⌉, which equals u = (h >> 8)·2⁻²⁴ ≥ p
+exactly. The key half of the hash, fmix32(key ^ seed_hi), is one
 vector per key block; each score then costs two fmix32. The backward regenerates the mask.
 The lse is that of the undropped probabilities; the kept ones are scaled by 1/(1 − p) on the
 accumulator (forward, dV) or on dP.
@@ -80,7 +81,8 @@ import triton
 import triton.language as tl
 
 from .. import _triton
-from .._triton import LN2, LOG2E, cast_for_dot, load_rows
+from .._triton import (LN2, LOG2E, cast_for_dot, dropout_column_hash, dropout_kept, load_rows,
+                       seed_halves)
 
 # Launch configs per kernel, precision family and head-dim bucket (the larger of the padded
 # head dims: ≤ 64, 128, 256). BLOCK_M: query rows, BLOCK_N: keys. A config with BLOCK_D runs
@@ -229,43 +231,6 @@ def _scores(a, b, a_rows, stride_ad, mask_a, b_rows, stride_bd, mask_b, D,
 
 
 @triton.jit
-def _fmix32(x):
-    """MurmurHash3's 32-bit finalizer on uint32 (wrapping multiplications)."""
-    x ^= x >> 16
-    x *= 0x85EBCA6B
-    x ^= x >> 13
-    x *= 0xC2B2AE35
-    x ^= x >> 16
-    return x
-
-
-@triton.jit
-def _seed_halves(seed_ptr, HAS_DROPOUT: tl.constexpr):
-    """(seed_lo, seed_hi) as uint32 from the int64 seed tensor (0, 0 without dropout)."""
-    if HAS_DROPOUT:
-        seed = tl.load(seed_ptr)
-        seed_lo = (seed & 0xFFFFFFFF).to(tl.uint32)
-        seed_hi = (seed >> 32).to(tl.uint32)
-    else:
-        seed_lo = 0
-        seed_hi = 0
-    return seed_lo, seed_hi
-
-
-@triton.jit
-def _key_hash(keys, seed_hi):
-    """The key half of the dropout hash: fmix32(key ^ seed_hi), key = index in its sequence."""
-    return _fmix32(keys.to(tl.uint32) ^ seed_hi)
-
-
-@triton.jit
-def _kept(key_hash, row_ids, seed_lo, threshold):
-    """Dropout keep mask for broadcast (key hash, row id) pairs: u ≥ p as (h >> 8) ≥ ⌈p·2²⁴⌉."""
-    h = _fmix32(_fmix32(key_hash ^ row_ids) + seed_lo)
-    return (h >> 8).to(tl.int32) >= threshold
-
-
-@triton.jit
 def _key_allowed(mask_ptr, seq, offs_n, k_len, stride_mb, stride_mn, HAS_MASK: tl.constexpr):
     """Keys of the block that exist and are not padding (key_padding_mask True = ignore)."""
     allowed = offs_n < k_len
@@ -317,7 +282,7 @@ def _attention_fwd_kernel(
     else:
         q = _tile(q_rows, stride_qd, mask_m, Dqk, BLOCK_DQK, INPUT_PRECISION)
     row_ids = _row_ids(seq, head, q_start + offs_m, rows_b, rows_h)
-    seed_lo, seed_hi = _seed_halves(seed_ptr, HAS_DROPOUT)
+    seed_lo, seed_hi = seed_halves(seed_ptr, HAS_DROPOUT)
     diag = k_len - q_len  # query i sees key j iff j <= i + diag (causal, bottom-right)
     n_end = k_len
     if CAUSAL:
@@ -349,8 +314,8 @@ def _attention_fwd_kernel(
         p = tl.exp2(s - m_ref[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         if HAS_DROPOUT:
-            keep = _kept(_key_hash(offs_n, seed_hi)[None, :], row_ids.to(tl.uint32)[:, None],
-                         seed_lo, threshold)
+            keep = dropout_kept(dropout_column_hash(offs_n, seed_hi)[None, :],
+                                row_ids.to(tl.uint32)[:, None], seed_lo, threshold)
             p = tl.where(keep, p, 0.0)
         v_rows = _row_ptrs(v_ptr, seq, kv_head, k_start + offs_n, stride_vb, stride_vh,
                            stride_vn)
@@ -429,10 +394,10 @@ def _attention_bwd_dkdv_kernel(
         if WANT_DK:
             v = _tile(v_rows, stride_vd, mask_n, Dv, BLOCK_DV, INPUT_PRECISION)
     allowed_n = _key_allowed(mask_ptr, seq, offs_n, k_len, stride_mb, stride_mn, HAS_MASK)
-    seed_lo, seed_hi = _seed_halves(seed_ptr, HAS_DROPOUT)
+    seed_lo, seed_hi = seed_halves(seed_ptr, HAS_DROPOUT)
     key_hash = 0
     if HAS_DROPOUT:
-        key_hash = _key_hash(offs_n, seed_hi)
+        key_hash = dropout_column_hash(offs_n, seed_hi)
     diag = k_len - q_len
     # Causal: the first query that sees key n0 is n0 - diag; earlier row blocks are skipped
     # (row blocks keep the forward's origins, multiples of BLOCK_M).
@@ -470,8 +435,8 @@ def _attention_bwd_dkdv_kernel(
             p_t = tl.where(allowed, p_t, 0.0)
             keep = True
             if HAS_DROPOUT:
-                keep = _kept(key_hash[:, None], row_ids.to(tl.uint32)[None, :], seed_lo,
-                             threshold)
+                keep = dropout_kept(key_hash[:, None], row_ids.to(tl.uint32)[None, :], seed_lo,
+                                    threshold)
             if WANT_DV:
                 pd_t = p_t
                 if HAS_DROPOUT:
@@ -538,7 +503,7 @@ def _attention_bwd_dq_kernel(
     row_ids = _row_ids(seq, head, q_start + offs_m, rows_b, rows_h)
     lse2 = tl.load(lse_ptr + row_ids, mask=mask_m, other=float("inf")) * LOG2E
     delta = tl.load(delta_ptr + row_ids, mask=mask_m, other=0.0)
-    seed_lo, seed_hi = _seed_halves(seed_ptr, HAS_DROPOUT)
+    seed_lo, seed_hi = seed_halves(seed_ptr, HAS_DROPOUT)
     diag = k_len - q_len
     n_end = k_len
     if CAUSAL:
@@ -568,8 +533,8 @@ def _attention_bwd_dq_kernel(
         dp = _scores(do, v, g_rows, stride_gd, mask_m, v_rows, stride_vd, mask_n, Dv,
                      BLOCK_M, BLOCK_N, BLOCK_D, CHUNKED, INPUT_PRECISION)
         if HAS_DROPOUT:
-            keep = _kept(_key_hash(offs_n, seed_hi)[None, :], row_ids.to(tl.uint32)[:, None],
-                         seed_lo, threshold)
+            keep = dropout_kept(dropout_column_hash(offs_n, seed_hi)[None, :],
+                                row_ids.to(tl.uint32)[:, None], seed_lo, threshold)
             dp = tl.where(keep, dp * inv_keep, 0.0)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(cast_for_dot(ds, k_ptr.dtype.element_ty, INPUT_PRECISION), k, dq,
@@ -658,8 +623,7 @@ class _Problem:
         self.dropout_p = float(dropout_p)
         self.has_dropout = self.dropout_p > 0.0
         self.inv_keep = 1.0 / (1.0 - self.dropout_p)
-        # u = (h >> 8)·2⁻²⁴ ≥ p  ⇔  (h >> 8) ≥ ⌈p·2²⁴⌉ (p·2²⁴ is exact in float64).
-        self.threshold = math.ceil(self.dropout_p * 2.0**24)
+        self.threshold = _triton.dropout_threshold(self.dropout_p)
         self.seed = seed if self.has_dropout else q
         self.has_mask = key_padding_mask is not None
         if self.has_mask:

@@ -9,10 +9,15 @@ that D, or the op does not take it: attention's head dims stop at 256). Exits no
 so CI catches a config that would fail or crawl on a GPU.
 
 A second table adds the kernels of one forward + backward per op, precision and path and
-divides by the nominal work (8·B²·D InfoNCE, 6·B²·D SigLIP, 14·Lq·Lk·D attention per head):
-the FLOPs a design spends
-beyond the minimum (e.g. the second computation of each tile that a deterministic backward
-pays instead of atomics).
+divides by the nominal work (8·B²·D InfoNCE, 6·B²·D SigLIP, 14·Lq·Lk·D attention per head,
+LoRA 4·T·D² + 12·T·D·r): the FLOPs a design spends beyond the minimum (e.g. the second
+computation of each tile that a deterministic backward pays instead of atomics, or the padding
+of a small layer to the tile size).
+
+LoRA is a layer, not a B × B product: its problem is T = B tokens through a D → D layer with a
+rank-16 adapter (LORA_RANK), so its FLOP columns are per T·D² (the base GEMM's 2 per pass), and
+its nominal work is the frozen base's forward and dx GEMMs (4·T·D²) plus the adapter's six
+skinny products (shrink, expand, du, dB, dx's adapter part, dA: 12·T·D·r).
 """
 from __future__ import annotations
 
@@ -27,8 +32,23 @@ FLOP_B = 16384
 # Head dims of attention (up to 256) and feature sizes of the contrastive losses.
 FLOP_DS = (64, 128, 256, 512, 1024)
 # FLOPs / (B²·D) of forward + backward; attention per head with Lq = Lk = B (forward 4,
-# backward 2.5× that).
+# backward 2.5× that). LoRA: see ``nominal_flops``.
 NOMINAL = {"infonce": 8, "siglip": 6, "attention": 14}
+# The adapter rank of LoRA's report problem (T = B tokens, in = out = D).
+LORA_RANK = 16
+
+
+def flop_unit(op: str, b: int, d: int) -> int:
+    """What an op's FLOP columns are per: B²·D, or T·D² for a D → D LoRA layer over T = B."""
+    return b * d * d if op == "lora" else b * b * d
+
+
+def nominal_flops(op: str, b: int, d: int) -> int:
+    """The minimum FLOPs of one forward + backward: LoRA with a frozen base, the base's
+    forward and dx GEMMs (2·T·D² each) and the adapter's six T·D·r products."""
+    if op == "lora":
+        return 4 * b * d * d + 12 * b * d * LORA_RANK
+    return NOMINAL[op] * b * b * d
 
 
 def _cuobjdump() -> str:
@@ -93,7 +113,7 @@ def compile_all():
 
 def _per_b2d(spec: dict, d: int):
     flops = spec["flops"](FLOP_B, d)
-    return None if flops is None else flops / (FLOP_B**2 * d)
+    return None if flops is None else flops / flop_unit(spec["op"], FLOP_B, d)
 
 
 def work_summary(specs: list[dict]) -> list[dict]:
@@ -110,7 +130,8 @@ def work_summary(specs: list[dict]) -> list[dict]:
                 for d in FLOP_DS:
                     executed = sum(f for f in (s["flops"](FLOP_B, d) for s in kernels) if f)
                     # A loss-only evaluation's nominal work is one product of the logits.
-                    nominal = (2 if path == "loss-only" else NOMINAL[op]) * FLOP_B**2 * d
+                    nominal = (2 * FLOP_B**2 * d if path == "loss-only"
+                               else nominal_flops(op, FLOP_B, d))
                     ratios.append(executed / nominal if executed else None)
                 rows.append({"op": op, "family": fam, "path": path, "ratios": ratios})
     return rows
@@ -130,7 +151,8 @@ def main(argv: list[str]) -> int:
     flop_cols = " ".join(f"{'D=' + str(d):>6}" for d in FLOP_DS)
     header = f"{'kernel':<38} {'arch':<6} {'regs':>4} {'shared':>8} {'stack':>5} {'local':>5} " \
              f"{'mma':<5} {'wgmma':<5} {flop_cols} status  config"
-    print(f"FLOPs executed per B²·D at B = {FLOP_B} in columns D=...")
+    print(f"FLOPs executed per B²·D at B = {FLOP_B} in columns D=... (LoRA: per T·D², "
+          f"T = B tokens through a D → D layer, r = {LORA_RANK})")
     print(header)
     print("-" * len(header))
     failed = 0
@@ -144,8 +166,8 @@ def main(argv: list[str]) -> int:
               f"{str(row['mma']):<5} {str(row['wgmma']):<5} {flops} {status:<7} "
               f"{row['config']}", flush=True)
     from .._triton import all_specs
-    print(f"\nExecuted FLOPs / nominal (InfoNCE 8·B²·D, SigLIP 6·B²·D, attention 14·B²·D "
-          f"forward + backward; loss only: 2·B²·D) at B = {FLOP_B}")
+    print(f"\nExecuted FLOPs / nominal (InfoNCE 8·B²·D, SigLIP 6·B²·D, attention 14·B²·D, "
+          f"LoRA 4·T·D² + 12·T·D·r forward + backward; loss only: 2·B²·D) at B = T = {FLOP_B}")
     print(f"{'op':<10} {'precision':<10} {'path':<14} " + " ".join(f"{'D=' + str(d):>7}"
                                                                  for d in FLOP_DS))
     for row in work_summary(all_specs()):
