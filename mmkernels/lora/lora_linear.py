@@ -52,9 +52,19 @@ def lora_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, 
     """(y, u, tf32): y (T, out) in x's dtype, u (T, r) in the compute dtype (unscaled), and
     whether fp32 products ran on TF32 (a 0-dim bool CPU tensor the backward must follow)."""
     tf32 = _dispatch.uses_tf32(backend, x.dtype)
+    x, weight, bias, lora_A, lora_B = _layout(x, weight, bias, lora_A, lora_B)
     y, u = _kernels(backend).forward(x, weight, bias, lora_A, lora_B, scaling, adapter_ids,
                                      dropout_p, seed, tf32)
     return y, u, torch.tensor(tf32)
+
+
+def _layout(x, weight, bias, lora_A, lora_B):
+    """What the kernels take: x with unit column stride (any row stride), the rest
+    contiguous. The functional passes these already; a direct call of the op may not."""
+    if x.stride(1) != 1 or (x.shape[0] > 1 and x.stride(0) < x.shape[1]):
+        x = x.contiguous()
+    return (x, weight.contiguous(), None if bias is None else bias.contiguous(),
+            lora_A.contiguous(), lora_B.contiguous())
 
 
 @lora_fwd.register_fake
@@ -72,8 +82,10 @@ def lora_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: 
              tf32: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dW, db, dA, dB) for ``needs`` = which of them to compute; one not needed is an
     empty (0,) tensor and costs nothing."""
+    x, weight, _, lora_A, lora_B = _layout(x, weight, None, lora_A, lora_B)
     return _kernels(backend).backward(grad_y.contiguous(), x, weight, lora_A, lora_B, scaling,
-                                      adapter_ids, u, dropout_p, seed, *needs, bool(tf32))
+                                      adapter_ids, u.contiguous(), dropout_p, seed, *needs,
+                                      bool(tf32))
 
 
 @lora_bwd.register_fake
@@ -287,8 +299,7 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tenso
                                      seed_int)
         return reference.forward(x, weight, bias, A3, B3, scales, dropout_p, seed_int,
                                  adapter_ids)
-    y = lora_fwd(_rows(x), weight.contiguous(), None if bias is None else bias.contiguous(),
-                 A3.contiguous(), B3.contiguous(), scales,
+    y = lora_fwd(_rows(x), weight, bias, A3, B3, scales,
                  None if adapter_ids is None else adapter_ids.contiguous(), dropout_p, seed,
                  name)[0]
     return y.view(*lead, out_f)

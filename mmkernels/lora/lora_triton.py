@@ -692,8 +692,8 @@ def backward(grad_y, x, weight, lora_A, lora_B, scaling, adapter_ids, u, dropout
     Deterministic (no atomics)."""
     p = _Problem(x, weight, lora_A, lora_B, scaling, adapter_ids, dropout_p, seed, tf32)
     grad_y = grad_y.to(x.dtype)
-    empty = x.new_empty(0)
-    dx = dW = db = empty
+    # One fresh empty tensor per gradient not asked for: a custom op's outputs may not alias.
+    dx, dW, db = x.new_empty(0), weight.new_empty(0), x.new_empty(0)
     dA = lora_A.new_empty(0)
     dB = lora_B.new_empty(0)
     f32 = dict(dtype=torch.float32, device=p.device)
