@@ -217,6 +217,20 @@ def test_empty_and_size_one(backend):
 
 
 @pytest.mark.parametrize("backend", all_backends())
+def test_expanded_transposed_and_sliced_operands(backend):
+    """x expanded (row stride 0), W a transposed view, A and B slices of wider tensors, x
+    transposed from (in, T): all give the contiguous result."""
+    x0, W0, b, A0, B0 = make(1, 20, 12, 3)
+    x = x0.detach().expand(9, 20).requires_grad_()
+    W = W0.detach().t().contiguous().t()
+    A = torch.randn(3, 40, device=device())[:, ::2].requires_grad_()
+    B = torch.randn(12, 6, device=device())[:, 1::2].requires_grad_()
+    xt = torch.randn(20, 9, device=device()).t().requires_grad_()
+    for xx in (x, xt):
+        check(backend, [xx, W, b, A, B])
+
+
+@pytest.mark.parametrize("backend", all_backends())
 def test_numpy_and_tensor_scalings(backend):
     inputs = make(9, 12, 10, 3, 2)
     ids = torch.tensor([0, 1, -1, 1, 0, 0, 1, -1, 0], device=device())
@@ -380,3 +394,68 @@ class TestLoRAContract(ContractTests):
         gradcheck_kwargs=[dict(), dict(dropout_p=0.3)],
     )
     test_nan_in_nan_out = None  # replaced by this file's test_nan_in_nan_out (per gradient)
+
+
+# ---------------------------------------------------------------------------------------
+# torch.compile
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_compile_fullgraph_is_the_first_call_of_a_process():
+    """Nothing is imported or looked up lazily while torch.compile traces a first call: a
+    compiled training step of a LoRA model with a mixed batch, dropout and adapter ids."""
+    import subprocess
+    import sys
+    code = (
+        "import torch, mmkernels\n"
+        "torch.manual_seed(0)\n"
+        "x = torch.randn(6, 5, 24, requires_grad=True)\n"
+        "W, b = torch.randn(16, 24), torch.randn(16)\n"
+        "A = torch.randn(3, 4, 24, requires_grad=True)\n"
+        "B = torch.randn(3, 16, 4, requires_grad=True)\n"
+        "ids = torch.tensor([0, 2, -1, 1, 0, 2]).repeat_interleave(5)\n"
+        "f = torch.compile(lambda x, A, B: mmkernels.lora_linear(x, W, b, A, B, 0.5,\n"
+        "                  adapter_ids=ids), fullgraph=True)\n"
+        "out = f(x, A, B)\n"
+        "out.square().sum().backward()\n"
+        "ref = mmkernels.lora_linear(x.detach().double(), W.double(), b.double(), A.detach()\n"
+        "    .double(), B.detach().double(), 0.5, adapter_ids=ids, backend='reference')\n"
+        "err = ((out.double() - ref).norm() / ref.norm()).item()\n"
+        "assert err < 1e-5, err\n"
+        "assert x.grad is not None and A.grad is not None and B.grad is not None\n"
+        "print('ok')\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stdout + run.stderr
+
+
+@pytest.mark.slow
+def test_compiled_module_mixed_batch_training_and_dropout_repeatable():
+    """A compiled LoRALinear trains with a mixed batch (the same gradients as eager); with
+    dropout the seed comes from Inductor's RNG (as for torch's dropout): the same manual_seed
+    repeats the compiled result, another seed changes it."""
+    torch.manual_seed(0)
+    layer = mmkernels.nn.LoRALinear(torch.nn.Linear(24, 16), 4, 8.0)
+    layer.add_adapter("b", 4, 4.0)
+    for name in ("default", "b"):
+        torch.nn.init.normal_(layer.lora_B[name].weight)
+    names = ["b", "__base__", "default", "b"]
+    x = torch.randn(4, 3, 24)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: layer(x, adapter_names=names), fullgraph=True)
+    grads = []
+    for fn in (compiled, lambda x: layer(x, adapter_names=names)):
+        layer.zero_grad()
+        fn(x).square().sum().backward()
+        grads.append([p.grad.clone() for p in (layer.lora_A["b"].weight,
+                                               layer.lora_B["default"].weight)])
+    for g, r in zip(*grads):
+        assert_close(g, r, FP32_RTOL)
+    torch._dynamo.reset()
+    step = torch.compile(lambda x: LORA(x, layer.weight, layer.bias,
+                                        layer.lora_A["b"].weight, layer.lora_B["b"].weight, 0.5,
+                                        dropout_p=0.3), fullgraph=True)
+    outs = []
+    for seed in (5, 5, 6):
+        torch.manual_seed(seed)
+        outs.append(step(x).detach())
+    assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2])
