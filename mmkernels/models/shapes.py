@@ -527,7 +527,7 @@ def save_gallery(images, texts: Sequence[str], path, ncols: int = 4) -> None:
     k = len(images)
     ncols = max(1, min(ncols, k))
     nrows = (k + ncols - 1) // ncols
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 3.6 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 4.0 * nrows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, image, text in zip(axes.flat, images, texts):
