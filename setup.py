@@ -83,7 +83,8 @@ setup(
     packages=find_packages(include=["mmkernels", "mmkernels.*"]),
     python_requires=">=3.9",
     # safetensors: PEFT's adapter checkpoint format (mmkernels.lora.save_adapter/load_adapter).
-    install_requires=["torch>=2.4", "safetensors"],
+    # tqdm: the demo's progress bars.
+    install_requires=["torch>=2.4", "safetensors", "tqdm"],
     extras_require={
         "triton": ["triton>=3.0"],
         # No open_clip_torch here: it depends on torchvision, which replaces a pinned CPU torch

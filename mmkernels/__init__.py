@@ -6,7 +6,8 @@ reference that is both the test oracle and the fallback. Importing the package t
 neither CUDA nor triton.
 """
 from . import _cpp, lora, nn
-from ._dispatch import BackendUnavailableError, available_backends, unavailable_reasons
+from ._dispatch import (BackendUnavailableError, available_backends, unavailable_reasons,
+                        use_backend)
 from .attention.cross_attention import cross_attention, cross_attention_varlen
 from .contrastive.infonce import infonce_loss
 from .contrastive.siglip import siglip_loss
@@ -35,4 +36,5 @@ __all__ = [
     "nn",
     "siglip_loss",
     "unavailable_reasons",
+    "use_backend",
 ]

@@ -1,4 +1,4 @@
-"""Command line: ``python -m mmkernels {info,bench,gpu-report} [options]``."""
+"""Command line: ``python -m mmkernels {info,bench,gpu-report,demo} [options]``."""
 import sys
 
 USAGE = """usage: python -m mmkernels COMMAND [options]
@@ -8,6 +8,8 @@ commands:
   bench        benchmark the ops against eager PyTorch and peers (--help for options)
   gpu-report   compile every Triton kernel config for sm_80/sm_90 without a GPU; fails on
                register spills or shared memory over the limit
+  demo         train the reference fusion model (mmkernels.models) on the offline shapes
+               data set, fused and against the same model on eager ops (--help for options)
 """
 
 
@@ -23,6 +25,8 @@ def main(argv=None) -> int:
         from .tools.bench import main as run
     elif command == "gpu-report":
         from .tools.gpu_report import main as run
+    elif command == "demo":
+        from .models.demo import main as run
     else:
         print(f"unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2

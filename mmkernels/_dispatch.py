@@ -25,6 +25,7 @@ Backends:
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import warnings
@@ -196,6 +197,8 @@ class Op:
         if not isinstance(backend, str):
             raise TypeError(f"{self.name}: backend must be a str, one of "
                             f"{('auto',) + BACKENDS}, got {type(backend).__name__}")
+        if backend == "auto" and _AUTO_OVERRIDE:
+            backend = _AUTO_OVERRIDE[-1]
         if backend == "auto":
             on_cuda = any(t.device.type == "cuda" for t in _tensors(inputs).values())
             preferred = "triton" if on_cuda else "cpu"
@@ -217,3 +220,22 @@ class Op:
                 f"{self.name}: backend {backend!r} cannot run this call: " + "; ".join(reasons)
                 + f" (backends that can: {', '.join(usable) or 'none'})")
         return backend
+
+
+# What "auto" means inside ``use_backend`` blocks (innermost last); empty: the normal choice.
+_AUTO_OVERRIDE: list[str] = []
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Within the block, every op called with ``backend="auto"`` (all modules' default) runs
+    on ``name`` instead — e.g. a whole model on the eager ``"reference"`` to compare it with
+    the fused run. A named backend that cannot run a call raises, as when passed directly."""
+    if name not in ("auto",) + BACKENDS:
+        raise ValueError(f"use_backend: name must be 'auto' or one of {BACKENDS}, got {name!r}")
+    _AUTO_OVERRIDE.append(name)
+    try:
+        yield
+    finally:
+        _AUTO_OVERRIDE.pop()
+
