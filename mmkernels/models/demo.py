@@ -178,9 +178,21 @@ def _train(params, steps, lr, step_fn, desc, stage, losses, quiet=False):
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
 
 
+def contrastive_loss_fn(config: FusionConfig):
+    """ClipLoss (or SigLipLoss). Under torch.distributed every rank's negatives are used, with
+    open_clip's local_loss=True, gather_with_grad=True: DDP's averaged update is then exactly
+    single-process training on the concatenated batch."""
+    import torch.distributed as dist
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    rank = dist.get_rank() if world > 1 else 0
+    if config.loss == "siglip":
+        return mmkernels.nn.SigLipLoss(rank=rank, world_size=world)
+    return mmkernels.nn.ClipLoss(local_loss=True, gather_with_grad=True, rank=rank,
+                                 world_size=world)
+
+
 def stage_contrastive(model, train, cfg, gen, losses, stage, quiet=False):
-    loss_fn = mmkernels.nn.ClipLoss() if model.config.loss == "clip" else \
-        mmkernels.nn.SigLipLoss()
+    loss_fn = contrastive_loss_fn(model.config)
     params = [p for n, p in model.named_parameters()
               if n.split(".")[0] in ("image_encoder", "text_encoder", "image_proj", "text_proj",
                                      "logit_scale", "logit_bias")]

@@ -102,7 +102,8 @@ class TextEncoder(nn.Module):
 
 
 class FusionModel(nn.Module):
-    """See the module doc. ``forward`` is not used: each task has its method."""
+    """See the module doc. Each task has its method; ``forward(task, *args)`` calls it, so that
+    DistributedDataParallel (which synchronises through ``forward``) wraps any task."""
 
     def __init__(self, config: FusionConfig = FusionConfig()):
         super().__init__()
@@ -125,6 +126,13 @@ class FusionModel(nn.Module):
                 block.ff_gate.fill_(0.5)
         self.answer_head = nn.Linear(c.dim, c.answers)
         self.match_head = nn.Linear(c.dim, 2)
+
+    TASKS = ("contrastive_loss", "answer_logits", "match_logits", "embed_images", "embed_texts")
+
+    def forward(self, task: str, *args):
+        if task not in self.TASKS:
+            raise ValueError(f"FusionModel: task must be one of {self.TASKS}, got {task!r}")
+        return getattr(self, task)(*args)
 
     # -- contrastive ----------------------------------------------------------------------
 

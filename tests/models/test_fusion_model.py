@@ -1,0 +1,100 @@
+"""The reference fusion model: the same first-step losses on the fused ops and on the eager
+reference, the quick demo learns, and DDP training equals single-process training."""
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import mmkernels
+from mmkernels.models import demo
+from mmkernels.models.fusion import FusionConfig, FusionModel
+from mmkernels.models.shapes import make_split
+
+TINY_MODEL = FusionConfig(dim=32, heads=2, image_layers=1, text_layers=1, fusion_layers=1,
+                          embed_dim=16)
+
+
+def test_first_step_losses_fused_equal_eager():
+    """Every stage's first loss, same model and seed, on the fused ops and on the reference."""
+    cfg = replace(demo.QUICK, n_train=200, batch=16, compare_steps=1, model=TINY_MODEL)
+    train = make_split(cfg.n_train, (0, 1))
+    result = demo.compare_backends(cfg, train)
+    fused, eager = result["fused"]["first_losses"], result["eager"]["first_losses"]
+    for stage in ("contrastive", "fusion", "lora"):
+        assert abs(fused[stage] - eager[stage]) <= 1e-5 * abs(eager[stage]), (stage, fused,
+                                                                               eager)
+
+
+def test_forward_dispatches_tasks():
+    model = FusionModel(TINY_MODEL)
+    with pytest.raises(ValueError, match="task must be one of"):
+        model("nope")
+    data = make_split(4, 0)
+    emb, tokens = model("embed_images", data.images)
+    assert emb.shape == (4, 16) and tokens.shape == (4, 64, 32)
+
+
+@pytest.mark.slow
+def test_quick_demo_learns(tmp_path):
+    s = demo.run(demo.QUICK, out_dir=str(tmp_path), quiet=True, compare=False)
+    chance = 1 / demo.QUICK.n_test
+    r = s["retrieval"]
+    assert r["image_to_text_recall@1"] > 50 * chance and r["text_to_image_recall@1"] > 50 * chance
+    qa = s["qa_accuracy"]
+    assert qa["colour"] > 0.5 and qa["shape"] > 0.5  # 6 and 4 classes of 16
+    for t in demo.ADAPTER_TYPES:
+        assert s["mixed_serving_accuracy"][t] == pytest.approx(s["adapters"][t]["accuracy"],
+                                                                abs=1e-6)
+    assert s["adapters"]["count"]["accuracy"] > 0.4  # 4 classes
+    for name in ("demo.json", "demo_loss.png", "demo_gallery.png"):
+        assert (tmp_path / name).exists()
+
+
+# ---------------------------------------------------------------------------------------
+# DistributedDataParallel
+
+GLOBAL_BATCH, STEPS = 8, 2
+
+
+def _train(rank, world):
+    torch.manual_seed(0)
+    model = FusionModel(TINY_MODEL).double()
+    net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) \
+        if world > 1 else model
+    data = make_split(GLOBAL_BATCH * STEPS, 5)
+    loss_fn = demo.contrastive_loss_fn(model.config)
+    opt = torch.optim.SGD(model.parameters(), lr=0.3)
+    b = GLOBAL_BATCH // world
+    for step in range(STEPS):
+        idx = torch.arange(step * GLOBAL_BATCH + rank * b, step * GLOBAL_BATCH + (rank + 1) * b)
+        loss = net("contrastive_loss", data.images[idx].double(), data.caption_ids[idx],
+                   data.caption_mask[idx], loss_fn)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _worker(rank, world, init_file, out_path):
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    params = _train(rank, world)
+    if rank == 0:
+        torch.save(params, out_path)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_matches_single_process(tmp_path):
+    out = tmp_path / "params.pt"
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
+    params, ref = torch.load(out), _train(0, 1)
+    for n, p in params.items():
+        torch.testing.assert_close(p, ref[n], rtol=1e-9, atol=1e-11, msg=n)
+    torch.manual_seed(0)
+    init = FusionModel(TINY_MODEL).double().state_dict()
+    assert not torch.equal(params["image_encoder.embed.weight"], init["image_encoder.embed.weight"])
