@@ -4,7 +4,8 @@
 //   du = s dY B            dB[n] = s sum_{id=n} dY^T u        dA[n] = sum_{id=n} du^T (x o D)
 //   dx = dY W + (du A) o D                                    dW = dY^T x, db = sum dY
 //
-// The sorted row blocks are split into one contiguous group per thread. Per block: dX = dY W
+// The sorted row blocks are split into groups of consecutive blocks, a few per thread, handed
+// out to the threads dynamically. Per block: dX = dY W
 // (one tile GEMM), then for each same-adapter run of the block: du (one GEMM), dB += dY^T u
 // (the block's dY rows read from cache by all three products: dY is read from memory once;
 // dB is accumulated transposed, dB^T += u^T dY, and transposed back at the end),
@@ -15,7 +16,8 @@
 // adapter directly when it is the first group with rows of that adapter, into a private
 // partial otherwise. Runs are in sorted order, so only a group's first adapter can have rows
 // in an earlier group: one partial per group at most. The partials are added after the
-// parallel region in group order. The grouping depends on the thread count only.
+// parallel region in group order. The grouping depends on the thread setting only, not on
+// which thread runs which group.
 //
 // dW and db (rare: the base layer is frozen in LoRA training) are one at::mm and one sum.
 //
@@ -48,7 +50,9 @@ void backward_kernel(const Problem& P, const S* dy, const S* x, const compute_t<
   constexpr bool kSame = std::is_same<S, T>::value;
   const int64_t in = P.in, out = P.out, r = P.r, N = P.N, ldx = P.ldx;
   const int64_t nb = static_cast<int64_t>(P.blocks.size());
-  const int64_t groups = std::min<int64_t>(at::get_num_threads(), nb);
+  // Groups of consecutive blocks, a few per thread, handed out dynamically (run_tasks). Their
+  // number depends on the thread setting only, so the partials do not depend on scheduling.
+  const int64_t groups = std::min<int64_t>(kGroupsPerThread * at::get_num_threads(), nb);
   const bool adapters = need.dx || need.dA || need.dB;
   const TileDropout dr = tile_dropout(P);
   const T keep_scale = static_cast<T>(P.dropout.keep_scale);
@@ -79,133 +83,138 @@ void backward_kernel(const Problem& P, const S* dy, const S* x, const compute_t<
   const int64_t ga = need.dA ? r * in : 0, gb = need.dB ? out * r : 0;
   std::vector<T> parts(static_cast<size_t>(groups * (ga + gb)));
 
-  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
-    std::vector<T> gbuf, dxbuf, xbuf, ubuf;
-    std::vector<T> du(static_cast<size_t>(kRows * r));
-    std::vector<T> xd, dm, tmp;
+  struct Scratch {
+    std::vector<T> gbuf, dxbuf, xbuf, ubuf, du, xd, dm, tmp;
+  };
+  auto make_scratch = [&] {
+    Scratch sc;
+    sc.du.resize(static_cast<size_t>(P.block_rows * r));
     if (P.dropout.on) {
-      xd.resize(static_cast<size_t>(kMaskRows * in));
+      sc.xd.resize(static_cast<size_t>(kMaskRows * in));
       if (need.dx) {
-        dm.resize(static_cast<size_t>(kMaskRows * in));
-        tmp.resize(static_cast<size_t>(kMaskRows * in));
+        sc.dm.resize(static_cast<size_t>(kMaskRows * in));
+        sc.tmp.resize(static_cast<size_t>(kMaskRows * in));
       }
     }
-    for (int64_t g = g0; g < g1; ++g) {
-      const auto [b0, b1] = group_blocks(g);
-      int64_t cur = -1;  // the adapter whose gradients tA/tB point at
-      T *tA = nullptr, *tB = nullptr;
-      bool freshA = false, freshB = false;  // the next product overwrites (first touch)
-      for (int64_t bi = b0; bi < b1; ++bi) {
-        const Block& blk = P.blocks[bi];
-        const int64_t rows = blk.end - blk.start;
-        const bool direct = blk.orig >= 0;
-        const bool inplace = kSame && direct;
-        const T* G;
-        if (inplace) {
-          G = reinterpret_cast<const T*>(dy) + blk.orig * out;
-        } else {
-          gbuf.resize(static_cast<size_t>(rows * out));
-          load_rows(P, dy, out, blk.start, rows, out, gbuf.data());
-          G = gbuf.data();
-        }
-        T* dX = nullptr;
-        if (need.dx) {
-          if (inplace) {
-            dX = reinterpret_cast<T*>(dx) + blk.orig * in;
-          } else {
-            dxbuf.resize(static_cast<size_t>(rows * in));
-            dX = dxbuf.data();
-          }
-          gemm<T>(false, false, rows, in, out, G, out, W, in, dX, in, false);
-        }
-
-        for (int64_t k = blk.run0; k < blk.run1 && adapters; ++k) {
-          const Run& run = P.runs[k];
-          const int64_t n = run.adapter;
-          if (n < 0) continue;
-          const int64_t lo = std::max(run.start, blk.start) - blk.start;
-          const int64_t hi = std::min(run.end, blk.end) - blk.start;
-          const int64_t m = hi - lo;
-          const T* const An = A + n * r * in;
-          const T* const Bn = B + n * out * r;
-          const T* const Gr = G + lo * out;
-          if (n != cur) {
-            cur = n;
-            const bool own = first[n] == g;
-            T* const pa = parts.data() + g * (ga + gb);
-            tA = own ? dA + n * r * in : pa;
-            tB = own ? dBt + n * r * out : pa + ga;
-            freshA = freshB = true;
-          }
-
-          // du = s dY B (rows of the run), for dx and dA.
-          T* const dur = du.data() + lo * r;
-          if (need.dx || need.dA) {
-            gemm<T>(false, false, m, r, out, Gr, out, Bn, r, dur, r, false);
-            const T s = static_cast<T>(P.scaling[n]);
-            for (int64_t i = 0; i < m * r; ++i) dur[i] *= s;
-          }
-
-          // dB^T += u^T dY (unscaled; s is applied once per adapter after the reduction).
-          // Transposed: BLAS makes the (r x out) product with out as the long dimension at
-          // twice the rate of the (out x r) one (a 1024 x 128 x 16 tile: 65 vs 31 GFLOP/s
-          // on one Zen 4 core).
-          if (need.dB) {
-            const T* Ur;
-            if (direct) {
-              Ur = u + (blk.orig + lo) * r;
-            } else {
-              ubuf.resize(static_cast<size_t>(m * r));
-              for (int64_t i = 0; i < m; ++i) {
-                const T* src = u + P.orig(blk.start + lo + i) * r;
-                std::copy(src, src + r, ubuf.data() + i * r);
-              }
-              Ur = ubuf.data();
-            }
-            gemm<T>(true, false, r, out, m, Ur, r, Gr, out, tB, out, !freshB);
-            freshB = false;
-          }
-
-          if (need.dA || (need.dx && P.dropout.on)) {
-            const T* Xr;
-            int64_t ldXr;
-            if (inplace) {
-              Xr = reinterpret_cast<const T*>(x) + (blk.orig + lo) * ldx;
-              ldXr = ldx;
-            } else {
-              xbuf.resize(static_cast<size_t>(m * in));
-              load_rows(P, x, ldx, blk.start + lo, m, in, xbuf.data());
-              Xr = xbuf.data();
-              ldXr = in;
-            }
-            if (P.dropout.on) {
-              for (int64_t c = 0; c < m; c += kMaskRows) {
-                const int64_t mc = std::min(kMaskRows, m - c);
-                dropout_rows(Xr + c * ldXr, ldXr, mc, in, order, blk.start + lo + c, dr,
-                             keep_scale, xd.data(), need.dx ? dm.data() : nullptr);
-                if (need.dA) {
-                  gemm<T>(true, false, r, in, mc, dur + c * r, r, xd.data(), in, tA, in,
-                          !freshA);
-                  freshA = false;
-                }
-                if (need.dx) {
-                  gemm<T>(false, false, mc, in, r, dur + c * r, r, An, in, tmp.data(), in,
-                          false);
-                  add_product(tmp.data(), dm.data(), mc, in, dX + (lo + c) * in, in);
-                }
-              }
-            } else {
-              gemm<T>(true, false, r, in, m, dur, r, Xr, ldXr, tA, in, !freshA);
-              freshA = false;
-            }
-          }
-          if (need.dx && !P.dropout.on) {
-            gemm<T>(false, false, m, in, r, dur, r, An, in, dX + lo * in, in, true);
-          }
-        }
-
-        if (need.dx && !inplace) store_rows<T, S>(P, dX, blk.start, rows, in, nullptr, dx);
+    return sc;
+  };
+  run_tasks(groups, make_scratch, [&](int64_t g, Scratch& sc) {
+    std::vector<T>&gbuf = sc.gbuf, &dxbuf = sc.dxbuf, &xbuf = sc.xbuf, &ubuf = sc.ubuf,
+    &du = sc.du, &xd = sc.xd, &dm = sc.dm, &tmp = sc.tmp;
+    const auto [b0, b1] = group_blocks(g);
+    int64_t cur = -1;  // the adapter whose gradients tA/tB point at
+    T *tA = nullptr, *tB = nullptr;
+    bool freshA = false, freshB = false;  // the next product overwrites (first touch)
+    for (int64_t bi = b0; bi < b1; ++bi) {
+      const Block& blk = P.blocks[bi];
+      const int64_t rows = blk.end - blk.start;
+      const bool direct = blk.orig >= 0;
+      const bool inplace = kSame && direct;
+      const T* G;
+      if (inplace) {
+        G = reinterpret_cast<const T*>(dy) + blk.orig * out;
+      } else {
+        gbuf.resize(static_cast<size_t>(rows * out));
+        load_rows(P, dy, out, blk.start, rows, out, gbuf.data());
+        G = gbuf.data();
       }
+      T* dX = nullptr;
+      if (need.dx) {
+        if (inplace) {
+          dX = reinterpret_cast<T*>(dx) + blk.orig * in;
+        } else {
+          dxbuf.resize(static_cast<size_t>(rows * in));
+          dX = dxbuf.data();
+        }
+        gemm<T>(false, false, rows, in, out, G, out, W, in, dX, in, false);
+      }
+
+      for (int64_t k = blk.run0; k < blk.run1 && adapters; ++k) {
+        const Run& run = P.runs[k];
+        const int64_t n = run.adapter;
+        if (n < 0) continue;
+        const int64_t lo = std::max(run.start, blk.start) - blk.start;
+        const int64_t hi = std::min(run.end, blk.end) - blk.start;
+        const int64_t m = hi - lo;
+        const T* const An = A + n * r * in;
+        const T* const Bn = B + n * out * r;
+        const T* const Gr = G + lo * out;
+        if (n != cur) {
+          cur = n;
+          const bool own = first[n] == g;
+          T* const pa = parts.data() + g * (ga + gb);
+          tA = own ? dA + n * r * in : pa;
+          tB = own ? dBt + n * r * out : pa + ga;
+          freshA = freshB = true;
+        }
+
+        // du = s dY B (rows of the run), for dx and dA.
+        T* const dur = du.data() + lo * r;
+        if (need.dx || need.dA) {
+          gemm<T>(false, false, m, r, out, Gr, out, Bn, r, dur, r, false);
+          const T s = static_cast<T>(P.scaling[n]);
+          for (int64_t i = 0; i < m * r; ++i) dur[i] *= s;
+        }
+
+        // dB^T += u^T dY (unscaled; s is applied once per adapter after the reduction).
+        // Transposed: BLAS makes the (r x out) product with out as the long dimension at
+        // twice the rate of the (out x r) one (a 1024 x 128 x 16 tile: 65 vs 31 GFLOP/s
+        // on one Zen 4 core).
+        if (need.dB) {
+          const T* Ur;
+          if (direct) {
+            Ur = u + (blk.orig + lo) * r;
+          } else {
+            ubuf.resize(static_cast<size_t>(m * r));
+            for (int64_t i = 0; i < m; ++i) {
+              const T* src = u + P.orig(blk.start + lo + i) * r;
+              std::copy(src, src + r, ubuf.data() + i * r);
+            }
+            Ur = ubuf.data();
+          }
+          gemm<T>(true, false, r, out, m, Ur, r, Gr, out, tB, out, !freshB);
+          freshB = false;
+        }
+
+        if (need.dA || (need.dx && P.dropout.on)) {
+          const T* Xr;
+          int64_t ldXr;
+          if (inplace) {
+            Xr = reinterpret_cast<const T*>(x) + (blk.orig + lo) * ldx;
+            ldXr = ldx;
+          } else {
+            xbuf.resize(static_cast<size_t>(m * in));
+            load_rows(P, x, ldx, blk.start + lo, m, in, xbuf.data());
+            Xr = xbuf.data();
+            ldXr = in;
+          }
+          if (P.dropout.on) {
+            for (int64_t c = 0; c < m; c += kMaskRows) {
+              const int64_t mc = std::min(kMaskRows, m - c);
+              dropout_rows(Xr + c * ldXr, ldXr, mc, in, order, blk.start + lo + c, dr,
+                           keep_scale, xd.data(), need.dx ? dm.data() : nullptr);
+              if (need.dA) {
+                gemm<T>(true, false, r, in, mc, dur + c * r, r, xd.data(), in, tA, in,
+                        !freshA);
+                freshA = false;
+              }
+              if (need.dx) {
+                gemm<T>(false, false, mc, in, r, dur + c * r, r, An, in, tmp.data(), in,
+                        false);
+                add_product(tmp.data(), dm.data(), mc, in, dX + (lo + c) * in, in);
+              }
+            }
+          } else {
+            gemm<T>(true, false, r, in, m, dur, r, Xr, ldXr, tA, in, !freshA);
+            freshA = false;
+          }
+        }
+        if (need.dx && !P.dropout.on) {
+          gemm<T>(false, false, m, in, r, dur, r, An, in, dX + lo * in, in, true);
+        }
+      }
+
+      if (need.dx && !inplace) store_rows<T, S>(P, dX, blk.start, rows, in, nullptr, dx);
     }
   });
 

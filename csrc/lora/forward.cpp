@@ -37,83 +37,89 @@ void forward_kernel(const Problem& P, const S* x, const compute_t<S>* W,
   const T keep_scale = static_cast<T>(P.dropout.keep_scale);
   const int64_t* order = P.order.empty() ? nullptr : P.order.data();
 
-  at::parallel_for(0, nb, 1, [&](int64_t first, int64_t last) {
-    std::vector<T> xbuf, ybuf, ubuf, us(static_cast<size_t>(kRows * r)), xd;
-    if (P.dropout.on) xd.resize(static_cast<size_t>(kMaskRows * in));
-    for (int64_t bi = first; bi < last; ++bi) {
-      const Block& blk = P.blocks[bi];
-      const int64_t rows = blk.end - blk.start;
-      const bool direct = blk.orig >= 0;
-      const bool inplace = kSame && direct;
-      const T* X;
-      int64_t ldX;
-      if (inplace) {
-        X = reinterpret_cast<const T*>(x) + blk.orig * ldx;
-        ldX = ldx;
-      } else {
-        xbuf.resize(static_cast<size_t>(rows * in));
-        load_rows(P, x, ldx, blk.start, rows, in, xbuf.data());
-        X = xbuf.data();
-        ldX = in;
-      }
-      T* Y;
-      if (inplace) {
-        Y = reinterpret_cast<T*>(y) + blk.orig * out;
-      } else {
-        ybuf.resize(static_cast<size_t>(rows * out));
-        Y = ybuf.data();
-      }
-      T* U;
-      if (direct) {
-        U = u + blk.orig * r;
-      } else {
-        ubuf.resize(static_cast<size_t>(rows * r));
-        U = ubuf.data();
-      }
+  struct Scratch {
+    std::vector<T> xbuf, ybuf, ubuf, us, xd;
+  };
+  auto make_scratch = [&] {
+    Scratch sc;
+    sc.us.resize(static_cast<size_t>(P.block_rows * r));
+    if (P.dropout.on) sc.xd.resize(static_cast<size_t>(kMaskRows * in));
+    return sc;
+  };
+  run_tasks(nb, make_scratch, [&](int64_t bi, Scratch& sc) {
+    std::vector<T>&xbuf = sc.xbuf, &ybuf = sc.ybuf, &ubuf = sc.ubuf, &us = sc.us, &xd = sc.xd;
+    const Block& blk = P.blocks[bi];
+    const int64_t rows = blk.end - blk.start;
+    const bool direct = blk.orig >= 0;
+    const bool inplace = kSame && direct;
+    const T* X;
+    int64_t ldX;
+    if (inplace) {
+      X = reinterpret_cast<const T*>(x) + blk.orig * ldx;
+      ldX = ldx;
+    } else {
+      xbuf.resize(static_cast<size_t>(rows * in));
+      load_rows(P, x, ldx, blk.start, rows, in, xbuf.data());
+      X = xbuf.data();
+      ldX = in;
+    }
+    T* Y;
+    if (inplace) {
+      Y = reinterpret_cast<T*>(y) + blk.orig * out;
+    } else {
+      ybuf.resize(static_cast<size_t>(rows * out));
+      Y = ybuf.data();
+    }
+    T* U;
+    if (direct) {
+      U = u + blk.orig * r;
+    } else {
+      ubuf.resize(static_cast<size_t>(rows * r));
+      U = ubuf.data();
+    }
 
-      gemm<T>(false, true, rows, out, in, X, ldX, W, in, Y, out, false);
-      for (int64_t k = blk.run0; k < blk.run1; ++k) {
-        const Run& run = P.runs[k];
-        const int64_t lo = std::max(run.start, blk.start) - blk.start;
-        const int64_t hi = std::min(run.end, blk.end) - blk.start;
-        const int64_t m = hi - lo;
-        T* const Ur = U + lo * r;
-        if (run.adapter < 0) {
-          std::fill(Ur, Ur + m * r, T(0));
-          continue;
-        }
-        const T* const An = A + run.adapter * r * in;
-        const T* const Bn = B + run.adapter * out * r;
-        if (P.dropout.on) {
-          for (int64_t c = lo; c < hi; c += kMaskRows) {
-            const int64_t mc = std::min(kMaskRows, hi - c);
-            dropout_rows(X + c * ldX, ldX, mc, in, order, blk.start + c, dr, keep_scale,
-                         xd.data(), nullptr);
-            gemm<T>(false, true, mc, r, in, xd.data(), in, An, in, U + c * r, r, false);
-          }
-        } else {
-          gemm<T>(false, true, m, r, in, X + lo * ldX, ldX, An, in, Ur, r, false);
-        }
-        // u is kept unscaled (the backward's dB needs it so); the expand takes s u.
-        const T s = static_cast<T>(P.scaling[run.adapter]);
-        for (int64_t i = 0; i < m * r; ++i) us[i] = s * Ur[i];
-        gemm<T>(false, true, m, out, r, us.data(), r, Bn, r, Y + lo * out, out, true);
+    gemm<T>(false, true, rows, out, in, X, ldX, W, in, Y, out, false);
+    for (int64_t k = blk.run0; k < blk.run1; ++k) {
+      const Run& run = P.runs[k];
+      const int64_t lo = std::max(run.start, blk.start) - blk.start;
+      const int64_t hi = std::min(run.end, blk.end) - blk.start;
+      const int64_t m = hi - lo;
+      T* const Ur = U + lo * r;
+      if (run.adapter < 0) {
+        std::fill(Ur, Ur + m * r, T(0));
+        continue;
       }
-
-      if (inplace) {
-        if (bias != nullptr) {
-          for (int64_t i = 0; i < rows; ++i) {
-            T* yr = Y + i * out;
-            for (int64_t j = 0; j < out; ++j) yr[j] += bias[j];
-          }
+      const T* const An = A + run.adapter * r * in;
+      const T* const Bn = B + run.adapter * out * r;
+      if (P.dropout.on) {
+        for (int64_t c = lo; c < hi; c += kMaskRows) {
+          const int64_t mc = std::min(kMaskRows, hi - c);
+          dropout_rows(X + c * ldX, ldX, mc, in, order, blk.start + c, dr, keep_scale,
+                       xd.data(), nullptr);
+          gemm<T>(false, true, mc, r, in, xd.data(), in, An, in, U + c * r, r, false);
         }
       } else {
-        store_rows(P, Y, blk.start, rows, out, bias, y);
+        gemm<T>(false, true, m, r, in, X + lo * ldX, ldX, An, in, Ur, r, false);
       }
-      if (!direct) {
+      // u is kept unscaled (the backward's dB needs it so); the expand takes s u.
+      const T s = static_cast<T>(P.scaling[run.adapter]);
+      for (int64_t i = 0; i < m * r; ++i) us[i] = s * Ur[i];
+      gemm<T>(false, true, m, out, r, us.data(), r, Bn, r, Y + lo * out, out, true);
+    }
+
+    if (inplace) {
+      if (bias != nullptr) {
         for (int64_t i = 0; i < rows; ++i) {
-          std::copy(U + i * r, U + (i + 1) * r, u + P.orig(blk.start + i) * r);
+          T* yr = Y + i * out;
+          for (int64_t j = 0; j < out; ++j) yr[j] += bias[j];
         }
+      }
+    } else {
+      store_rows(P, Y, blk.start, rows, out, bias, y);
+    }
+    if (!direct) {
+      for (int64_t i = 0; i < rows; ++i) {
+        std::copy(U + i * r, U + (i + 1) * r, u + P.orig(blk.start + i) * r);
       }
     }
   });
