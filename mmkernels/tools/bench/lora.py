@@ -216,8 +216,8 @@ class LoRA:
         names = None if ids is None else [f"a{n}" for n in ids.tolist()]
         layer = _peft_layer(W, b, A.requires_grad_(grad), B, 2.0, case.dropout, case.r)
         x, A, B = (t.requires_grad_(grad) for t in (x, A, B))
-        if layer is not None:
-            layer.train(grad)
+        if layer is not None:  # dropout on (training mode) exactly when the case has it
+            layer.train(case.dropout > 0)
         return x, W, b, A, B, 2.0, ids, names, layer, case.dropout
 
     def small_case(self, case: Case) -> Case:

@@ -78,8 +78,12 @@ def headlines(op: BenchOp, rows: list) -> list[str]:
                      None)
         if fused is None:
             continue
-        peers = [r for r in group if r["impl"] != "mmkernels"]
+        floors = getattr(op, "floors", ())  # lower bounds, not peers (family.BenchOp)
+        peers = [r for r in group if r["impl"] != "mmkernels" and r["impl"] not in floors]
         ran = [r for r in peers if r["status"] == "ok"]
+        floor = ", ".join(f"{fused['time_s'] / r['time_s']:.2f}× the time of the floor "
+                          f"({r['label']})" for r in group
+                          if r["impl"] in floors and r["status"] == "ok")
         mem = fused["extra_bytes"]
         if not ran:
             why = "; ".join(f"{r['label']} {status_text(r)}" for r in peers) or "none run"
@@ -107,7 +111,7 @@ def headlines(op: BenchOp, rows: list) -> list[str]:
             f"{num(lean['extra_bytes'] / MiB)} MiB); time {_ms(fused['time_s'])} ms, "
             f"{fast['time_s'] / fused['time_s']:.2f}× the speed of the fastest peer "
             f"({fast['label']}, {_ms(fast['time_s'])} ms)"
-            + (f"; speedup {times}" if times else "") + ".")
+            + (f"; speedup {times}" if times else "") + (f"; {floor}" if floor else "") + ".")
     return lines
 
 
