@@ -55,8 +55,8 @@ class DemoConfig:
     model: FusionConfig = FusionConfig()
 
 
-QUICK = DemoConfig(n_train=3000, n_test=500, contrastive_steps=150, fusion_steps=150,
-                   adapter_steps=60, compare_steps=3)
+QUICK = DemoConfig(n_train=3000, n_test=500, contrastive_steps=250, fusion_steps=250,
+                   adapter_steps=80, compare_steps=3)
 
 
 # ---------------------------------------------------------------------------------------
@@ -348,6 +348,8 @@ def run(cfg: DemoConfig, backend: str = "auto", out_dir: str = "benchmarks/resul
                 f"(new answer head only: {baseline:.3f})")
         summary["mixed_serving_accuracy"] = mixed_serving(model, test)
         say(f"both adapters in one mixed batch: {summary['mixed_serving_accuracy']}")
+    summary["loss_first_last"] = {k: [sum(v[:10]) / len(v[:10]), sum(v[-10:]) / len(v[-10:])]
+                                  for k, v in losses.items() if v}
     summary["qa_accuracy_final"] = dict(summary["qa_accuracy"])
     for t in ADAPTER_TYPES:
         summary["qa_accuracy_final"][t] = summary["mixed_serving_accuracy"][t]
