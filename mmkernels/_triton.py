@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import math
 import os
 import pkgutil
@@ -372,6 +373,31 @@ def all_specs() -> list[dict]:
         if info.name.rsplit(".", 1)[-1].endswith("_triton"):
             importlib.import_module(info.name)
     return [spec for provider in _SPEC_PROVIDERS for spec in provider()]
+
+
+def kernel_signature(fn, feature_args, pointers: dict, floats=(), unit_strides=False) -> dict:
+    """Triton types of a kernel's runtime arguments, for compiling it without a GPU: the
+    ``feature_args`` pointers in the family's dtype ("*features"), ``pointers`` with their
+    own types, ``floats`` fp32, with ``unit_strides`` the ``stride_*d`` arguments as the
+    constexpr 1 the JIT specializes them to (contiguous last dims: the layout the configs are
+    tuned for), every other integer i32. Read from the Python function's annotations: the
+    same under the interpreter (which has no ``params``)."""
+    sig = {}
+    for param in inspect.signature(fn.fn).parameters.values():
+        name = param.name
+        if param.annotation is tl.constexpr:
+            continue
+        if name in feature_args:
+            sig[name] = "*features"
+        elif name in pointers:
+            sig[name] = pointers[name]
+        elif name in floats:
+            sig[name] = "fp32"
+        elif unit_strides and name.startswith("stride_") and name.endswith("d"):
+            sig[name] = "constexpr"
+        else:
+            sig[name] = "i32"
+    return sig
 
 
 def compile_spec(kernel: str, fn, signature: dict, cfg: dict, fam: str, aligned, *, op: str,

@@ -73,7 +73,6 @@ a non-contiguous lse in the backward. Head dims 1..256 are padded to powers of t
 BLOCK_DQK/BLOCK_DV ≥ 16 with masked loads. Outputs are contiguous.
 """
 
-import inspect
 import math
 
 import torch
@@ -743,29 +742,6 @@ KERNELS = {"attention_fwd": _attention_fwd_kernel,
            "attention_bwd_dq": _attention_bwd_dq_kernel}
 
 
-def _signature(fn) -> dict:
-    """Triton types of a kernel's runtime arguments: feature pointers in the family's dtype,
-    unit last-dim strides as the constexpr 1 the JIT specializes them to (contiguous head
-    dims: the layout the configs are tuned for), other integers i32."""
-    sig = {}
-    # The Python function's annotations: the same under the interpreter (no ``params``).
-    for param in inspect.signature(fn.fn).parameters.values():
-        name = param.name
-        if param.annotation is tl.constexpr:
-            continue
-        if name in _FEATURE_ARGS:
-            sig[name] = "*features"
-        elif name in _POINTERS:
-            sig[name] = _POINTERS[name]
-        elif name in _FLOATS:
-            sig[name] = "fp32"
-        elif name.startswith("stride_") and name.endswith("d"):
-            sig[name] = "constexpr"
-        else:
-            sig[name] = "i32"
-    return sig
-
-
 def _flops(kernel: str, launch: str, fam: str, width: int):
     """flops(B, D) of one launch of ``kernel`` for one head with Lq = Lk = B and Dqk = Dv = D
     (padding included), when the host launches this head-dim bucket at D, else None."""
@@ -786,7 +762,8 @@ def compile_specs():
     mask, causal, dropout)."""
     specs = []
     for kernel, fn in KERNELS.items():
-        signature = _signature(fn)
+        signature = _triton.kernel_signature(fn, _FEATURE_ARGS, _POINTERS, _FLOATS,
+                                              unit_strides=True)
         # What the JIT marks 16-divisible at run time for the tuned layout (head dims of 64,
         # 128, 256; tensors from PyTorch's allocator): every pointer but the bool mask's, the
         # head dims and the tensor strides; not the mask's strides (multiples of 1 and Lk).

@@ -59,7 +59,6 @@ Layout: x may have any row stride (unit column stride), everything else is conti
 Row offsets are int64 (T·in can exceed 2³¹ elements). r from 1 to 256 is padded to the power
 of two BLOCK_R ≥ 16 with masked loads.
 """
-import inspect
 
 import torch
 import triton
@@ -763,23 +762,6 @@ _POINTERS = {"u_ptr": "*fp32", "du_ptr": "*fp32", "dbp_ptr": "*fp32", "dap_ptr":
 _UNALIGNED = ("N", "n_tiles", "n_cols", "n_blocks", "r_blocks", "threshold", "chunk_rows")
 
 
-def _signature(fn) -> dict:
-    sig = {}
-    for param in inspect.signature(fn.fn).parameters.values():
-        name = param.name
-        if param.annotation is tl.constexpr:
-            continue
-        if name in _FEATURE_ARGS:
-            sig[name] = "*features"
-        elif name in _POINTERS:
-            sig[name] = _POINTERS[name]
-        elif name == "inv_keep":
-            sig[name] = "fp32"
-        else:
-            sig[name] = "i32"
-    return sig
-
-
 def _work(kernel: str, fam: str, r: int, T: int, D: int) -> int:
     """FLOPs one launch of ``kernel`` executes (padding included) for T rows, in = out = D,
     rank r, one adapter without ids (lora_reduce: its additions, for dB and dA)."""
@@ -811,7 +793,7 @@ def compile_specs():
 
     specs = []
     for kernel, fn in KERNELS.items():
-        signature = _signature(fn)
+        signature = _triton.kernel_signature(fn, _FEATURE_ARGS, _POINTERS, ("inv_keep",))
         aligned = [name for name, ty in signature.items()
                    if ty.startswith("*") or (ty == "i32" and name not in _UNALIGNED)]
         flags = {name: True for name in ("HAS_PERM", "HAS_DROPOUT", "HAS_BIAS", "WANT_DU",
