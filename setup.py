@@ -84,7 +84,7 @@ setup(
     python_requires=">=3.9",
     # safetensors: PEFT's adapter checkpoint format (mmkernels.lora.save_adapter/load_adapter).
     # tqdm: the demo's progress bars.
-    install_requires=["torch>=2.4", "safetensors", "tqdm"],
+    install_requires=["torch>=2.4", "numpy", "safetensors", "tqdm"],
     extras_require={
         "triton": ["triton>=3.0"],
         # No open_clip_torch here: it depends on torchvision, which replaces a pinned CPU torch

@@ -17,6 +17,7 @@ of every stage on both backends (``--backend`` picks the main run's).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -33,10 +34,12 @@ import mmkernels
 
 from ..tools.bench.harness import PeakMemory
 from .fusion import FusionConfig, FusionModel
-from .shapes import ANSWERS, QUESTION_TYPES, make_split
+from .shapes import ANSWERS, QUESTION_TYPES, TOKENIZER, make_split
 
 BASE_TYPES = ("colour", "shape")       # stage 2
 ADAPTER_TYPES = ("count", "relation")  # stage 3, one LoRA adapter each
+# Every Linear of the media and fusion layers (attention projections and MLPs) and the answer head.
+LORA_TARGETS = r"(media|fusion)\.\d+\..*\.((q|k|v|out)_proj|ff\.[03]|mlp\.[02])|answer_head"
 
 
 @dataclass(frozen=True)
@@ -44,14 +47,15 @@ class DemoConfig:
     n_train: int = 20000
     n_test: int = 1000
     batch: int = 128
-    contrastive_steps: int = 1200
+    contrastive_steps: int = 2400
     fusion_steps: int = 1200
-    adapter_steps: int = 500
+    adapter_steps: int = 400
     lr: float = 2e-3
     lora_r: int = 8
     lora_alpha: float = 16.0
     compare_steps: int = 10   # steps of each stage timed on both backends
     seed: int = 0
+    device: str = "cpu"       # "cuda": bf16 autocast
     model: FusionConfig = FusionConfig()
 
 
@@ -63,36 +67,77 @@ QUICK = DemoConfig(n_train=3000, n_test=500, contrastive_steps=250, fusion_steps
 # One step of each task
 # ---------------------------------------------------------------------------------------
 
+def autocast(device: str):
+    """bf16 autocast on a GPU; fp32 on the CPU (where bf16 matmuls are slower)."""
+    if torch.device(device).type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def contrastive_step(model, data, idx, loss_fn):
     return model.contrastive_loss(data.images[idx], data.caption_ids[idx],
                                   data.caption_mask[idx], loss_fn)
 
 
-def qa_step(model, data, q_idx, head=None):
-    """Cross-entropy of the answers of questions ``q_idx`` (encoders frozen: no grad)."""
-    images = data.images[data.question_image[q_idx]]
+def fused_state(model, data, q_idx):
+    """The fused <cls> states of questions ``q_idx``; each image's tokens and media pass are
+    computed once for all its questions. The image encoder is frozen here (no grad)."""
+    images, image_index = torch.unique(data.question_image[q_idx], return_inverse=True)
     with torch.no_grad():
-        _, tokens = model.embed_images(images)
-    fused = model.fuse(data.question_ids[q_idx], data.question_mask[q_idx], tokens)
-    logits = (head or model.answer_head)(fused)
-    return F.cross_entropy(logits, data.answers[q_idx])
+        tokens = model.image_tokens(data.images[images])
+    return model.fuse(data.question_ids[q_idx], data.question_mask[q_idx], tokens, image_index)
 
 
-def match_step(model, data, idx, gen):
-    """Image–text matching: each image with its caption (1) or a shuffled one (0)."""
-    with torch.no_grad():
-        _, tokens = model.embed_images(data.images[idx])
+def qa_step(model, data, q_idx):
+    """Cross-entropy of the answers of questions ``q_idx``."""
+    return F.cross_entropy(model.answer_head(fused_state(model, data, q_idx)),
+                           data.answers[q_idx])
+
+
+def questions_about(data, idx, types):
+    """The questions of ``types`` about images ``idx`` and, for each, its image's position in
+    ``idx`` (the questions of an image are consecutive)."""
+    per = data.questions_per_image
+    q = (idx[:, None] * per + torch.arange(per)).flatten()
+    codes = torch.tensor([QUESTION_TYPES.index(t) for t in types])
+    keep = torch.isin(data.question_type.cpu()[q], codes)
+    return q[keep], torch.arange(len(idx)).repeat_interleave(per)[keep]
+
+
+def match_pairs(data, idx, gen):
+    """Each image of ``idx`` with its own caption (label 1) or, half the time, another one of
+    the batch (label 0; 1 again when the shuffle drew its own or an identical caption)."""
     other = idx[torch.randperm(len(idx), generator=gen)]
     negative = torch.rand(len(idx), generator=gen) < 0.5
     cap = torch.where(negative, other, idx)
-    labels = (~negative | (cap == idx)).long()
-    logits = model.match_logits(data.caption_ids[cap], data.caption_mask[cap], tokens)
-    return F.cross_entropy(logits, labels)
+    same = torch.tensor([data.captions[a] == data.captions[b]
+                         for a, b in zip(idx.tolist(), cap.tolist())])
+    return cap, same.long()
+
+
+def fusion_step(model, data, idx, gen):
+    """Stage 2 on images ``idx``: the answers of their colour and shape questions plus
+    image–text matching over ``match_pairs``. The questions and captions go through the fusion
+    in one batch (questions padded to the caption length), one media pass per image."""
+    q, q_image = questions_about(data, idx, BASE_TYPES)
+    cap, labels = match_pairs(data, idx, gen)
+    extra = data.caption_ids.shape[1] - data.question_ids.shape[1]
+    ids = torch.cat([F.pad(data.question_ids[q], (0, extra), value=TOKENIZER.pad_id),
+                     data.caption_ids[cap]])
+    padding = torch.cat([F.pad(data.question_mask[q], (0, extra), value=True),
+                         data.caption_mask[cap]])
+    with torch.no_grad():
+        tokens = model.image_tokens(data.images[idx])
+    state = model.fuse(ids, padding, tokens, torch.cat([q_image, torch.arange(len(idx))]))
+    n = len(q)
+    loss = F.cross_entropy(model.answer_head(state[:n]), data.answers[q]) + \
+        F.cross_entropy(model.match_head(state[n:]), labels.to(state.device))
+    return loss, n + len(idx)
 
 
 def questions_of(data, types) -> torch.Tensor:
     codes = torch.tensor([QUESTION_TYPES.index(t) for t in types])
-    return torch.isin(data.question_type, codes).nonzero()[:, 0]
+    return torch.isin(data.question_type.cpu(), codes).nonzero()[:, 0]
 
 
 # ---------------------------------------------------------------------------------------
@@ -102,12 +147,13 @@ def questions_of(data, types) -> torch.Tensor:
 @torch.no_grad()
 def retrieval(model, data, chunk=500) -> dict:
     model.eval()
-    image = torch.cat([model.embed_images(data.images[i:i + chunk])[0]
-                       for i in range(0, len(data), chunk)])
-    text = torch.cat([model.embed_texts(data.caption_ids[i:i + chunk],
-                                        data.caption_mask[i:i + chunk])[0]
-                      for i in range(0, len(data), chunk)])
-    sim = image @ text.T
+    with autocast(data.images.device):
+        image = torch.cat([model.embed_images(data.images[i:i + chunk])[0]
+                           for i in range(0, len(data), chunk)])
+        text = torch.cat([model.embed_texts(data.caption_ids[i:i + chunk],
+                                            data.caption_mask[i:i + chunk])[0]
+                          for i in range(0, len(data), chunk)])
+    sim = image.float().cpu() @ text.float().cpu().T
     # A caption equal to the true one (a duplicate scene description) counts as correct.
     same = torch.tensor([[a == b for b in data.captions] for a in data.captions])
     out = {}
@@ -126,12 +172,24 @@ def answer_accuracy(model, data, q_idx, head=None, chunk=1000) -> float:
     correct = 0
     for i in range(0, len(q_idx), chunk):
         q = q_idx[i:i + chunk]
-        _, tokens = model.embed_images(data.images[data.question_image[q]])
-        fused = model.fuse(data.question_ids[q], data.question_mask[q], tokens)
-        pred = (head or model.answer_head)(fused).argmax(1)
+        with autocast(data.images.device):
+            pred = (head or model.answer_head)(fused_state(model, data, q)).argmax(1)
         correct += (pred == data.answers[q]).sum().item()
     model.train()
     return correct / max(len(q_idx), 1)
+
+
+@torch.no_grad()
+def match_accuracy(model, data, seed=0) -> float:
+    """Image–text matching accuracy over every test image, half with another's caption."""
+    model.eval()
+    idx = torch.arange(len(data))
+    cap, labels = match_pairs(data, idx, torch.Generator().manual_seed(seed))
+    with autocast(data.images.device):
+        logits = model.match_logits(data.caption_ids[cap], data.caption_mask[cap],
+                                    model.image_tokens(data.images))
+    model.train()
+    return (logits.argmax(1).cpu() == labels).float().mean().item()
 
 
 # ---------------------------------------------------------------------------------------
@@ -164,14 +222,19 @@ class Stage:
 
 def _train(params, steps, lr, step_fn, desc, stage, losses, quiet=False):
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
+    # One-cycle: a 10% warm-up (at least 2 steps: the schedule needs them), cosine decay.
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, lr, total_steps=steps, pct_start=min(max(0.1, 2.5 / steps), 0.5)) \
+        if steps >= 3 else None
     bar = tqdm(range(steps), desc=desc, disable=quiet, leave=False, dynamic_ncols=True)
     for step in bar:
-        loss, n = step_fn(step)
+        with autocast(stage.device):
+            loss, n = step_fn(step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        sched.step()
+        if sched is not None:
+            sched.step()
         stage.samples += n
         losses.append(loss.item())
         if step % 10 == 0:
@@ -207,21 +270,20 @@ def stage_fusion(model, train, cfg, gen, losses, stage, quiet=False):
     for part in (model.image_encoder, model.text_encoder, model.image_proj, model.text_proj):
         part.requires_grad_(False)
     params = [p for n, p in model.named_parameters()
-              if n.split(".")[0] in ("fusion", "answer_head", "match_head")]
-    q_pool = questions_of(train, BASE_TYPES)
+              if n.split(".")[0] in ("media", "fusion", "answer_head", "match_head")]
 
     def step(_):
-        q = q_pool[torch.randint(0, len(q_pool), (cfg.batch,), generator=gen)]
+        # Half a batch of images: with ~2 colour/shape questions each and one caption, about
+        # 1.5 batches of texts.
         idx = torch.randint(0, len(train), (cfg.batch // 2,), generator=gen)
-        return qa_step(model, train, q) + match_step(model, train, idx, gen), \
-            cfg.batch + cfg.batch // 2
+        return fusion_step(model, train, idx, gen)
     _train(params, cfg.fusion_steps, cfg.lr, step, "2 fusion", stage, losses, quiet)
 
 
 def stage_adapter(model, train, cfg, gen, qtype, losses, stage, quiet=False):
     """LoRA adapter ``qtype`` on the fusion blocks and the answer head (the rest frozen)."""
-    mmkernels.apply_lora(model, r"(fusion\.\d+\.(attn\.(q|k|v|out)_proj|ff\.[03]))|answer_head",
-                         r=cfg.lora_r, lora_alpha=cfg.lora_alpha, adapter_name=qtype)
+    mmkernels.apply_lora(model, LORA_TARGETS, r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                         adapter_name=qtype)
     q_pool = questions_of(train, (qtype,))
     params = [p for p in model.parameters() if p.requires_grad]
 
@@ -239,10 +301,10 @@ def head_only_baseline(model, train, test, cfg, gen, qtype) -> float:
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr)
     for _ in range(cfg.adapter_steps):
         q = q_pool[torch.randint(0, len(q_pool), (cfg.batch,), generator=gen)]
-        with torch.no_grad():
-            _, tokens = model.embed_images(train.images[train.question_image[q]])
-            fused = model.fuse(train.question_ids[q], train.question_mask[q], tokens)
-        loss = F.cross_entropy(head(fused), train.answers[q])
+        with torch.no_grad(), autocast(cfg.device):
+            fused = fused_state(model, train, q)
+        with autocast(cfg.device):
+            loss = F.cross_entropy(head(fused), train.answers[q])
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -256,12 +318,13 @@ def mixed_serving(model, test) -> dict:
     with mmkernels.lora.mixed_batch(model, names):
         acc = {}
         model.eval()
-        with torch.no_grad():
-            _, tokens = model.embed_images(test.images[test.question_image[q]])
+        with torch.no_grad(), autocast(test.images.device):
+            # One image per question: the media layers' rows carry the adapter names too.
+            tokens = model.image_tokens(test.images[test.question_image[q]])
             pred = model.answer_logits(test.question_ids[q], test.question_mask[q],
                                        tokens).argmax(1)
         model.train()
-    right = pred == test.answers[q]
+    right = (pred == test.answers[q]).cpu()
     for t in ADAPTER_TYPES:
         sel = torch.tensor([n == t for n in names])
         acc[t] = right[sel].float().mean().item()
@@ -279,7 +342,7 @@ def compare_backends(cfg: DemoConfig, train) -> dict:
     for backend in ("auto", "reference"):
         gen = torch.Generator().manual_seed(cfg.seed)
         torch.manual_seed(cfg.seed)
-        model = FusionModel(cfg.model)
+        model = FusionModel(cfg.model).to(cfg.device)
         seconds, peak, first = 0.0, 0.0, {}
         with mmkernels.use_backend(backend):
             for name, run in (
@@ -289,7 +352,7 @@ def compare_backends(cfg: DemoConfig, train) -> dict:
                     ("lora", lambda s, l: stage_adapter(model, train, short, gen, "count", l, s,
                                                         True))):
                 losses = []
-                with Stage(name, "cpu") as stage:
+                with Stage(name, cfg.device) as stage:
                     run(stage, losses)
                 seconds += stage.seconds
                 peak = max(peak, stage.peak_mib)
@@ -311,27 +374,29 @@ def run(cfg: DemoConfig, backend: str = "auto", out_dir: str = "benchmarks/resul
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     image_size = cfg.model.image_size
-    train = make_split(cfg.n_train, (cfg.seed, 1), image_size=image_size)
-    test = make_split(cfg.n_test, (cfg.seed, 2), image_size=image_size)
-    model = FusionModel(cfg.model)
+    train = make_split(cfg.n_train, (cfg.seed, 1), image_size=image_size).to(cfg.device)
+    test = make_split(cfg.n_test, (cfg.seed, 2), image_size=image_size).to(cfg.device)
+    model = FusionModel(cfg.model).to(cfg.device)
     losses = {k: [] for k in ("contrastive", "fusion") + ADAPTER_TYPES}
     summary = {"config": asdict(cfg), "backend": backend, "stages": {},
-               "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+               "torch": torch.__version__, "device": _device_name(cfg.device),
                "threads": torch.get_num_threads()}
     say = (lambda *a: None) if quiet else print
     with mmkernels.use_backend(backend):
-        with Stage("contrastive", "cpu") as st:
+        with Stage("contrastive", cfg.device) as st:
             stage_contrastive(model, train, cfg, gen, losses["contrastive"], st, quiet)
         summary["stages"]["contrastive"] = st.summary()
         summary["retrieval"] = retrieval(model, test)
         say(f"stage 1 contrastive: {st.summary()}\n  {summary['retrieval']}")
 
-        with Stage("fusion", "cpu") as st:
+        with Stage("fusion", cfg.device) as st:
             stage_fusion(model, train, cfg, gen, losses["fusion"], st, quiet)
         summary["stages"]["fusion"] = st.summary()
         summary["qa_accuracy"] = {t: answer_accuracy(model, test, questions_of(test, (t,)))
                                   for t in QUESTION_TYPES}
-        say(f"stage 2 fusion: {st.summary()}\n  QA accuracy: {summary['qa_accuracy']}")
+        summary["match_accuracy"] = match_accuracy(model, test)
+        say(f"stage 2 fusion: {st.summary()}\n  QA accuracy: {summary['qa_accuracy']}, "
+            f"matching accuracy {summary['match_accuracy']:.3f}")
 
         summary["adapters"] = {}
         # The baselines first: each on the fusion model as stage 2 left it, no adapter.
@@ -339,7 +404,7 @@ def run(cfg: DemoConfig, backend: str = "auto", out_dir: str = "benchmarks/resul
                      for t in ADAPTER_TYPES}
         for qtype in ADAPTER_TYPES:
             baseline = baselines[qtype]
-            with Stage(qtype, "cpu") as st:
+            with Stage(qtype, cfg.device) as st:
                 stage_adapter(model, train, cfg, gen, qtype, losses[qtype], st, quiet)
             acc = answer_accuracy(model, test, questions_of(test, (qtype,)))
             summary["stages"][f"lora_{qtype}"] = st.summary()
@@ -369,6 +434,12 @@ def run(cfg: DemoConfig, backend: str = "auto", out_dir: str = "benchmarks/resul
     return summary
 
 
+def _device_name(device: str) -> str:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
+
+
 def _plots(losses, test, model, stem):
     import matplotlib
     matplotlib.use("Agg")
@@ -388,18 +459,20 @@ def _plots(losses, test, model, stem):
     plt.close(fig)
     # Gallery: a few test images with their top retrieved caption and a question answered.
     n = 8
-    with torch.no_grad():
+    with torch.no_grad(), autocast(test.images.device):
         model.eval()
-        image, tokens = model.embed_images(test.images[:n])
+        image = model.embed_images(test.images[:n])[0]
+        tokens = model.image_tokens(test.images[:n])
         text = model.embed_texts(test.caption_ids, test.caption_mask)[0]
         best = (image @ text.T).argmax(1)
         q = torch.arange(n) * test.questions_per_image
         pred = model.answer_logits(test.question_ids[q], test.question_mask[q],
                                    tokens[torch.arange(n)]).argmax(1)
         model.train()
+    best, pred = best.tolist(), pred.tolist()
     texts = [f"{test.captions[best[i]]}\nQ: {test.questions[q[i]]} A: {ANSWERS[pred[i]]}"
              for i in range(n)]
-    save_gallery(test.images[:n], texts, stem + "_gallery.png")
+    save_gallery(test.images[:n].cpu(), texts, stem + "_gallery.png")
 
 
 def main(argv=None) -> int:
@@ -408,10 +481,12 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="a small config (~1 minute)")
     parser.add_argument("--backend", default="auto", choices=("auto", "reference", "cpu"),
                         help="the main run's backend (reference: the same model, eager ops)")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu, or cuda (bf16 autocast)")
     parser.add_argument("--out", default="benchmarks/results", help="output folder")
     parser.add_argument("--no-compare", action="store_true",
                         help="skip the fused-vs-eager timing of a few steps per stage")
     args = parser.parse_args(argv)
-    cfg = QUICK if args.quick else DemoConfig()
+    cfg = replace(QUICK if args.quick else DemoConfig(), device=args.device)
     run(cfg, args.backend, args.out, compare=not args.no_compare)
     return 0

@@ -5,12 +5,14 @@ gates), the example of how every public op is used.
                                     │                 ├─ ClipLoss / SigLipLoss (contrastive)
     caption ─ TextEncoder ─ pooled ─┼──────── proj ───┘
                                     │ image tokens (media)
-    question ─ TextEncoder ─ tokens ─ GatedCrossAttentionBlock × n ─ <cls> ─ answer head
-    caption  ─ TextEncoder ─ tokens ─ (the same blocks)            ─ <cls> ─ matching head
+    question ─ TextEncoder ─ tokens ─ FusionLayer × n ─ <cls> ─ answer head
+    caption  ─ TextEncoder ─ tokens ─ (the same layers) ─ <cls> ─ matching head
+
+    FusionLayer = GatedCrossAttentionBlock (text → image tokens) + a text self-attention layer
 
 * Attention everywhere is ``mmkernels.nn.MultiheadAttention`` (the fused cross-attention
   kernel): self-attention in both encoders, with the text's key-padding masks, and the
-  text-over-image cross-attention of the fusion blocks.
+  text-over-image cross-attention of the fusion layers.
 * The contrastive loss is ``mmkernels.nn.ClipLoss`` (or ``SigLipLoss``, with a learnable bias):
   over every rank's negatives under DDP.
 * LoRA (``mmkernels.apply_lora``) adapts the fusion blocks and the answer head per task, and
@@ -34,12 +36,15 @@ from .shapes import ANSWERS, TOKENIZER
 @dataclass(frozen=True)
 class FusionConfig:
     image_size: int = 32
-    patch: int = 4
+    patch: int = 4                # the stride between patches
+    patch_kernel: int = 8         # each patch's side: overlapping patches when > patch
     dim: int = 64
     heads: int = 4
     image_layers: int = 2
     text_layers: int = 2
     fusion_layers: int = 2
+    fusion_image_layer: int = 0   # the image encoder's hidden state the fusion reads
+    media_layers: int = 1         # trainable layers over those image tokens
     embed_dim: int = 64           # the contrastive embedding
     max_text_len: int = 32
     vocab_size: int = TOKENIZER.vocab_size
@@ -62,24 +67,51 @@ class EncoderLayer(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+class FusionLayer(nn.Module):
+    """Flamingo's gated cross-attention block (text tokens attend to the image tokens), then a
+    trainable self-attention layer over the text. The self-attention matters: with only
+    cross-attention each text token would query the image alone, so the <cls> state could use
+    only what the frozen encoder already put into <cls>; here every word's look at the image
+    (the colour next to "square") reaches <cls> (ALBEF's fusion layer has the same three parts)."""
+
+    def __init__(self, c: "FusionConfig"):
+        super().__init__()
+        self.cross = mnn.GatedCrossAttentionBlock(c.dim, c.heads)
+        self.self_attn = EncoderLayer(c.dim, c.heads)
+        # Flamingo's gates start at 0 (identity); here the blocks are the only path from the
+        # image to the answer, so they start half open.
+        with torch.no_grad():
+            self.cross.attn_gate.fill_(0.5)
+            self.cross.ff_gate.fill_(0.5)
+
+    def forward(self, x: Tensor, padding: Tensor, image_tokens: Tensor) -> Tensor:
+        return self.self_attn(self.cross(x, image_tokens), padding)
+
+
 class ImageEncoder(nn.Module):
-    """Patch embedding (non-overlapping p×p patches, one Linear) + learned positions + layers."""
+    """Patch embedding (k×k patches every p pixels, one Linear) + learned positions + layers.
+
+    Overlapping patches (k = 2p, as the overlapping patch embeddings of PVTv2/SegFormer): the
+    objects sit at the corners between patches, so with k = p no token sees a whole small
+    shape, and the binding of colour to shape must be learned by attention alone (measured:
+    retrieval mistakes were mostly objects with swapped colours or shapes)."""
 
     def __init__(self, c: FusionConfig):
         super().__init__()
-        self.patch = c.patch
+        self.patch, self.kernel = c.patch, c.patch_kernel
         n = (c.image_size // c.patch) ** 2
-        self.embed = nn.Linear(3 * c.patch * c.patch, c.dim)
+        self.embed = nn.Linear(3 * c.patch_kernel ** 2, c.dim)
         self.pos = nn.Parameter(torch.randn(1, n, c.dim) * 0.02)
         self.layers = nn.ModuleList(EncoderLayer(c.dim, c.heads) for _ in range(c.image_layers))
         self.norm = nn.LayerNorm(c.dim)
 
-    def forward(self, images: Tensor) -> Tensor:
-        """(B, 3, H, W) → image tokens (B, (H/p)·(W/p), dim)."""
-        p = self.patch
-        patches = F.unfold(images, kernel_size=p, stride=p).transpose(1, 2)
+    def forward(self, images: Tensor, layers: int | None = None) -> Tensor:
+        """(B, 3, H, W) → image tokens (B, (H/p)·(W/p), dim): the hidden state after the first
+        ``layers`` layers (all by default; 0 = the patch embeddings), through the final norm."""
+        p, k = self.patch, self.kernel
+        patches = F.unfold(images, kernel_size=k, stride=p, padding=(k - p) // 2).transpose(1, 2)
         x = self.embed(patches) + self.pos
-        for layer in self.layers:
+        for layer in self.layers[:layers]:
             x = layer(x)
         return self.norm(x)
 
@@ -116,18 +148,20 @@ class FusionModel(nn.Module):
         init_scale = 10.0 if c.loss == "siglip" else 1 / 0.07
         self.logit_scale = nn.Parameter(torch.tensor(float(init_scale)).log())
         self.logit_bias = nn.Parameter(torch.tensor(-10.0)) if c.loss == "siglip" else None
-        self.fusion = nn.ModuleList(mnn.GatedCrossAttentionBlock(c.dim, c.heads)
-                                    for _ in range(c.fusion_layers))
-        # Flamingo's gates start at 0 (identity); here the blocks are the only path from the
-        # image to the answer, so they start half open.
-        with torch.no_grad():
-            for block in self.fusion:
-                block.attn_gate.fill_(0.5)
-                block.ff_gate.fill_(0.5)
+        # What the fusion reads of the frozen image encoder. Its last layer's tokens are shaped
+        # by the pooled contrastive loss: every token carries the scene, no longer its own
+        # patch (LLaVA reads CLIP's penultimate layer for the same reason). Measured after
+        # 600 contrastive steps, 600 question-answering steps: colour/shape accuracy 0.61/0.33
+        # from the last layer, 0.72/0.68 from the patch embeddings; with one trainable layer
+        # over the patch embeddings (Flamingo's Perceiver Resampler plays that part between
+        # its frozen encoder and the gated blocks), 0.97/0.97 after 1,200 steps.
+        self.media = nn.ModuleList(EncoderLayer(c.dim, c.heads) for _ in range(c.media_layers))
+        self.fusion = nn.ModuleList(FusionLayer(c) for _ in range(c.fusion_layers))
         self.answer_head = nn.Linear(c.dim, c.answers)
         self.match_head = nn.Linear(c.dim, 2)
 
-    TASKS = ("contrastive_loss", "answer_logits", "match_logits", "embed_images", "embed_texts")
+    TASKS = ("contrastive_loss", "answer_logits", "match_logits", "embed_images", "embed_texts",
+             "image_tokens")
 
     def forward(self, task: str, *args):
         if task not in self.TASKS:
@@ -137,7 +171,7 @@ class FusionModel(nn.Module):
     # -- contrastive ----------------------------------------------------------------------
 
     def embed_images(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """(normalised embeddings (B, embed_dim), image tokens (B, P, dim))."""
+        """(normalised embeddings (B, embed_dim), last-layer image tokens (B, P, dim))."""
         tokens = self.image_encoder(images)
         return F.normalize(self.image_proj(tokens.mean(1)), dim=-1), tokens
 
@@ -157,17 +191,31 @@ class FusionModel(nn.Module):
 
     # -- fusion ---------------------------------------------------------------------------
 
-    def fuse(self, ids: Tensor, padding: Tensor, image_tokens: Tensor) -> Tensor:
-        """Text tokens attending to image tokens through the gated blocks → the <cls> state."""
+    def image_tokens(self, images: Tensor) -> Tensor:
+        """The image tokens the fusion reads (B, P, dim): the image encoder's hidden state
+        after ``fusion_image_layer`` layers; the layers after it are not run."""
+        return self.image_encoder(images, self.config.fusion_image_layer)
+
+    def fuse(self, ids: Tensor, padding: Tensor, image_tokens: Tensor,
+             image_index: Tensor | None = None) -> Tensor:
+        """Text tokens attending to ``image_tokens(images)`` through the trainable media layers
+        and the fusion layers → the <cls> state (T, dim). Text i reads image ``image_index[i]``
+        (default: image i), so the texts about one image share its media pass."""
+        for layer in self.media:
+            image_tokens = layer(image_tokens)
+        if image_index is not None:
+            image_tokens = image_tokens[image_index]
         x = self.text_encoder(ids, padding)
-        for block in self.fusion:
-            x = block(x, image_tokens)
+        for layer in self.fusion:
+            x = layer(x, padding, image_tokens)
         return x[:, 0]
 
     def answer_logits(self, question_ids: Tensor, question_padding: Tensor,
-                      image_tokens: Tensor) -> Tensor:
-        return self.answer_head(self.fuse(question_ids, question_padding, image_tokens))
+                      image_tokens: Tensor, image_index: Tensor | None = None) -> Tensor:
+        return self.answer_head(self.fuse(question_ids, question_padding, image_tokens,
+                                          image_index))
 
     def match_logits(self, caption_ids: Tensor, caption_padding: Tensor,
-                     image_tokens: Tensor) -> Tensor:
-        return self.match_head(self.fuse(caption_ids, caption_padding, image_tokens))
+                     image_tokens: Tensor, image_index: Tensor | None = None) -> Tensor:
+        return self.match_head(self.fuse(caption_ids, caption_padding, image_tokens,
+                                         image_index))

@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 import mmkernels
 from mmkernels.models import demo
 from mmkernels.models.fusion import FusionConfig, FusionModel
-from mmkernels.models.shapes import make_split
+from mmkernels.models.shapes import ANSWERS, make_split
 
 TINY_MODEL = FusionConfig(dim=32, heads=2, image_layers=1, text_layers=1, fusion_layers=1,
                           embed_dim=16)
@@ -33,6 +33,11 @@ def test_forward_dispatches_tasks():
     data = make_split(4, 0)
     emb, tokens = model("embed_images", data.images)
     assert emb.shape == (4, 16) and tokens.shape == (4, 64, 32)
+    # The fusion reads the patch embeddings (fusion_image_layer=0), not the last layer.
+    media = model("image_tokens", data.images)
+    assert media.shape == (4, 64, 32) and not torch.allclose(media, tokens)
+    logits = model("answer_logits", data.question_ids[:4], data.question_mask[:4], media)
+    assert logits.shape == (4, len(ANSWERS))
 
 
 @pytest.mark.slow
