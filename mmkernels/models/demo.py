@@ -466,8 +466,12 @@ def _plots(losses, test, model, stem):
         text = model.embed_texts(test.caption_ids, test.caption_mask)[0]
         best = (image @ text.T).argmax(1)
         q = torch.arange(n) * test.questions_per_image
-        pred = model.answer_logits(test.question_ids[q], test.question_mask[q],
-                                   tokens[torch.arange(n)]).argmax(1)
+        # Each question by its type's adapter, the base model for colour and shape.
+        types = [QUESTION_TYPES[t] for t in test.question_type[q].tolist()]
+        with mmkernels.lora.mixed_batch(model, [t if t in ADAPTER_TYPES else "__base__"
+                                                for t in types]):
+            pred = model.answer_logits(test.question_ids[q], test.question_mask[q],
+                                       tokens).argmax(1)
         model.train()
     best, pred = best.tolist(), pred.tolist()
     texts = [f"{test.captions[best[i]]}\nQ: {test.questions[q[i]]} A: {ANSWERS[pred[i]]}"
