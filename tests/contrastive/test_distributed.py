@@ -4,9 +4,10 @@ import math
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import mmkernels
+
+import gloo
 
 GLOBAL_BATCH = 12  # divisible by 2 and 4 ranks
 STEPS = 3
@@ -59,37 +60,21 @@ def train(loss_name, backend, rank, world):
     return [p.detach().clone() for p in module.parameters()], first_loss
 
 
-def _finish(rank, results, out_path):
-    """Rank 0 saves the results; every rank is done with its collectives before any tears gloo
-    down (a rank closing its pairs while a peer still uses them can abort the peer at exit)."""
+def _train_every_case(rank, world):
     import torch.distributed as dist
-    if rank == 0:
-        torch.save(results, out_path)
-    dist.barrier()
-    dist.destroy_process_group()
-
-
-def _worker(rank, world, init_file, out_path):
-    import torch.distributed as dist
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)
     results = {}
     for case in CASES:
         params, loss = train(*case, rank, world)
         losses = [torch.empty_like(loss) for _ in range(world)]
         dist.all_gather(losses, loss)
         results[case] = (params, torch.stack(losses))
-    _finish(rank, results, out_path)
+    return results
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 4])
 def test_ddp_matches_single_process(world, tmp_path):
-    out_path = tmp_path / "results.pt"
-    mp.spawn(_worker, args=(world, str(tmp_path / "init"), str(out_path)), nprocs=world,
-             join=True)
-    results = torch.load(out_path)
+    results = gloo.run(_train_every_case, world, tmp_path)
     for case in CASES:
         params, rank_losses = results[case]
         ref_params, ref_loss = train(*case, rank=0, world=1)
@@ -133,13 +118,10 @@ def train_clip_loss(make_loss, optimizer, rank, world):
     return [p.detach().clone() for p in module.parameters()], torch.stack(losses)
 
 
-def _open_clip_worker(rank, world, init_file, out_path):
+def _train_open_clip_and_ours(rank, world):
     import torch.distributed as dist
 
     from mmkernels.tools.bench.peers import load_open_clip_loss
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)
     open_clip_loss = load_open_clip_loss()
     results = {}
     for local_loss, gather_with_grad in FLAGS:
@@ -154,7 +136,7 @@ def _open_clip_worker(rank, world, init_file, out_path):
                     world)
     gathered = [None] * world
     dist.all_gather_object(gathered, results)
-    _finish(rank, gathered, out_path)
+    return gathered
 
 
 @pytest.mark.slow
@@ -165,10 +147,7 @@ def test_clip_loss_flags_match_open_clip(world, tmp_path):
         load_open_clip_loss()
     except PeerUnavailable as exc:
         pytest.skip(str(exc))
-    out_path = tmp_path / "results.pt"
-    mp.spawn(_open_clip_worker, args=(world, str(tmp_path / "init"), str(out_path)),
-             nprocs=world, join=True)
-    per_rank = torch.load(out_path)
+    per_rank = gloo.run(_train_open_clip_and_ours, world, tmp_path)
     for local_loss, gather_with_grad in FLAGS:
         for optimizer in OPTIMIZERS:
             key = (local_loss, gather_with_grad, optimizer)

@@ -2,10 +2,11 @@
 are all-reduced, and 3 steps equal single-process training on the concatenated batch."""
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 
 import mmkernels
+
+import gloo
 
 GLOBAL_BATCH = 8
 STEPS = 3
@@ -59,23 +60,13 @@ def train(backend, rank, world):
     return initial, final, trainable, frozen_grads
 
 
-def _worker(rank, world, init_file, out_path):
-    import torch.distributed as dist
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)
-    results = {backend: train(backend, rank, world) for backend in BACKENDS}
-    if rank == 0:
-        torch.save(results, out_path)
-    dist.barrier()
-    dist.destroy_process_group()
+def _train_every_backend(rank, world):
+    return {backend: train(backend, rank, world) for backend in BACKENDS}
 
 
 @pytest.mark.slow
 def test_ddp_trains_only_adapters_and_matches_single_process(tmp_path):
-    out_path = tmp_path / "results.pt"
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(out_path)), nprocs=2, join=True)
-    results = torch.load(out_path)
+    results = gloo.run(_train_every_backend, 2, tmp_path)
     for backend in BACKENDS:
         initial, params, trainable, frozen_grads = results[backend]
         _, ref_params, _, _ = train(backend, rank=0, world=1)

@@ -4,12 +4,13 @@ from dataclasses import replace
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import mmkernels
 from mmkernels.models import demo
 from mmkernels.models.fusion import FusionConfig, FusionModel
 from mmkernels.models.shapes import ANSWERS, make_split
+
+import gloo
 
 TINY_MODEL = FusionConfig(dim=32, heads=2, image_layers=1, text_layers=1, fusion_layers=1,
                           embed_dim=16)
@@ -85,23 +86,9 @@ def _train(rank, world):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def _worker(rank, world, init_file, out_path):
-    import torch.distributed as dist
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)
-    params = _train(rank, world)
-    if rank == 0:
-        torch.save(params, out_path)
-    dist.barrier()
-    dist.destroy_process_group()
-
-
 @pytest.mark.slow
 def test_ddp_matches_single_process(tmp_path):
-    out = tmp_path / "params.pt"
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
-    params, ref = torch.load(out), _train(0, 1)
+    params, ref = gloo.run(_train, 2, tmp_path), _train(0, 1)
     for n, p in params.items():
         torch.testing.assert_close(p, ref[n], rtol=1e-9, atol=1e-11, msg=n)
     torch.manual_seed(0)
