@@ -26,6 +26,7 @@ Backends:
 from __future__ import annotations
 
 import contextlib
+import importlib
 import importlib.util
 import os
 import warnings
@@ -239,3 +240,9 @@ def use_backend(name: str):
     finally:
         _AUTO_OVERRIDE.pop()
 
+
+def kernel_module(package: str, backend: str, triton_module: str):
+    """The module of op family ``package`` that holds a fast backend's ``forward``/``backward``:
+    ``cpu`` or ``triton_module``, imported on first use (importing mmkernels must not import
+    triton)."""
+    return importlib.import_module(f"{package}.{'cpu' if backend == 'cpu' else triton_module}")

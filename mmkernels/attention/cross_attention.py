@@ -36,13 +36,7 @@ _MAX_ROWS = 2**31
 
 
 def _kernels(backend: str):
-    """The module holding ``forward``/``backward`` for a fast backend (imported on first use:
-    importing mmkernels must not import triton)."""
-    if backend == "cpu":
-        from . import cpu
-        return cpu
-    from . import attention_triton
-    return attention_triton
+    return _dispatch.kernel_module(__package__, backend, "attention_triton")
 
 
 # ---------------------------------------------------------------------------------------

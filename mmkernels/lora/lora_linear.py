@@ -30,13 +30,7 @@ MAX_RANK = 256
 
 
 def _kernels(backend: str):
-    """The module holding ``forward``/``backward`` for a fast backend (imported on first use:
-    importing mmkernels must not import triton)."""
-    if backend == "cpu":
-        from . import cpu
-        return cpu
-    from . import lora_triton
-    return lora_triton
+    return _dispatch.kernel_module(__package__, backend, "lora_triton")
 
 
 # ---------------------------------------------------------------------------------------
