@@ -74,6 +74,14 @@ def log_uniform(lo: float, hi: float) -> float:
     return math.exp(torch.empty(()).uniform_(math.log(lo), math.log(hi)).item())
 
 
+def assert_close_like_peer(out: torch.Tensor, peer: torch.Tensor, exact: torch.Tensor,
+                           rtol: float, what: str = "") -> None:
+    """``out`` against a peer library's result in the same dtype. The peer is no oracle: both
+    carry rounding error, and a cancelling sum (a scale or bias gradient, a sum of ± terms)
+    makes it large relative to the result. So ``out`` is held to the float64 ``exact`` within
+    rtol, or within 2× the peer's own error where that is larger (flash-attention's rule)."""
+    assert_close(out, exact, max(rtol, 2 * rel_err(peer, exact)), what)
+
 def as64(*xs):
     return [None if x is None else x.detach().double().requires_grad_() for x in xs]
 

@@ -11,7 +11,7 @@ import mmkernels
 from backends import all_backends, device, fast_backends, interpreted
 from contract import ContractTests, OpContract
 from contrastive_cases import check_against_float64, make_inputs
-from oracle import FP32_RTOL, as64, assert_close, rel_err
+from oracle import FP32_RTOL, as64, assert_close, assert_close_like_peer, rel_err
 
 LOSS = mmkernels.infonce_loss
 
@@ -64,14 +64,17 @@ def peer(backend):
     ours = mmkernels.nn.ClipLoss(backend=backend)
     theirs = open_clip_loss.ClipLoss()
     for b in (None, bias):
-        out = ours(image, text, scale, b, output_dict=True)
-        ref = theirs(image, text, scale, b, output_dict=True)
+        results = []
+        for loss, x in ((ours, (image, text, scale)), (theirs, (image, text, scale)),
+                        (theirs, as64(image, text, scale))):
+            out = loss(*x, None if b is None else b.to(x[0].dtype), output_dict=True)
+            results.append((out, torch.autograd.grad(out["contrastive_loss"], x)))
+        (out, g), (ref, rg), (exact, eg) = results
         assert out.keys() == ref.keys()
-        assert_close(out["contrastive_loss"], ref["contrastive_loss"], FP32_RTOL, "loss")
-        g = torch.autograd.grad(out["contrastive_loss"], (image, text, scale))
-        rg = torch.autograd.grad(ref["contrastive_loss"], (image, text, scale))
-        for x, y in zip(g, rg):
-            assert_close(x, y, FP32_RTOL)
+        assert_close_like_peer(out["contrastive_loss"], ref["contrastive_loss"],
+                               exact["contrastive_loss"], FP32_RTOL, "loss")
+        for name, x, y, z in zip(("image", "text", "scale"), g, rg, eg):
+            assert_close_like_peer(x, y, z, FP32_RTOL, f"grad {name}")
 
 
 class TestInfoNCEContract(ContractTests):

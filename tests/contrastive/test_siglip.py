@@ -10,7 +10,7 @@ import mmkernels
 from backends import all_backends, device, interpreted
 from contract import ContractTests, OpContract
 from contrastive_cases import check_against_float64, make_inputs
-from oracle import FP32_RTOL, as64, assert_close
+from oracle import FP32_RTOL, as64, assert_close, assert_close_like_peer
 
 LOSS = mmkernels.siglip_loss
 SHAPES = [(1, 1), (2, 7), (7, 33), (127, 64), (257, 129), (1000, 31)]
@@ -48,15 +48,19 @@ def peer(backend):
         open_clip_loss = load_open_clip_loss()
     except PeerUnavailable as exc:
         pytest.skip(str(exc))
-    image, text, scale, bias = make(33, 16, torch.float32, bias=True)
-    out = mmkernels.nn.SigLipLoss(backend=backend)(image, text, scale, bias, output_dict=True)
-    ref = open_clip_loss.SigLipLoss()(image, text, scale, bias, output_dict=True)
+    inputs = make(33, 16, torch.float32, bias=True)
+    results = []
+    for loss, x in ((mmkernels.nn.SigLipLoss(backend=backend), inputs),
+                    (open_clip_loss.SigLipLoss(), inputs), (open_clip_loss.SigLipLoss(),
+                                                            as64(*inputs))):
+        out = loss(*x, output_dict=True)
+        results.append((out, torch.autograd.grad(out["contrastive_loss"], x)))
+    (out, grads), (ref, ref_grads), (exact, exact_grads) = results
     assert out.keys() == ref.keys()
-    assert_close(out["contrastive_loss"], ref["contrastive_loss"], FP32_RTOL, "loss")
-    grads = torch.autograd.grad(out["contrastive_loss"], (image, text, scale, bias))
-    ref_grads = torch.autograd.grad(ref["contrastive_loss"], (image, text, scale, bias))
-    for g, r in zip(grads, ref_grads):
-        assert_close(g, r, FP32_RTOL)
+    assert_close_like_peer(out["contrastive_loss"], ref["contrastive_loss"],
+                           exact["contrastive_loss"], FP32_RTOL, "loss")
+    for name, g, r, e in zip(("image", "text", "scale", "bias"), grads, ref_grads, exact_grads):
+        assert_close_like_peer(g, r, e, FP32_RTOL, f"grad {name}")
 
 
 class TestSigLIPContract(ContractTests):
