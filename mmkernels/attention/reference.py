@@ -32,9 +32,10 @@ def output_shapes(q, v, varlen: bool) -> tuple[tuple, tuple]:
     return out, ((q.shape[1], q.shape[0]) if varlen else tuple(q.shape[:-1]))
 
 
-def _dense(q, k, v, mask, causal, scale, dropout_p, seed, rows):
+def _dense(q, k, v, mask, causal, scale, dropout_p, seed, rows, shift=None):
     """One dense block: q (B, H, Lq, D), k (B, Hk, Lk, D), v (B, Hk, Lk, Dv), mask (B, Lk) or
-    None, rows (B, H, Lq) int64 (the dropout row ids). Returns out (acc dtype), lse."""
+    None, rows (B, H, Lq) int64 (the dropout row ids), shift (B,) each sample's causal
+    alignment Lk − Lq (default: the block's). Returns out (acc dtype), lse."""
     acc = compute_dtype(q.dtype)
     B, H, Lq, _ = q.shape
     Lk = k.shape[2]
@@ -49,7 +50,8 @@ def _dense(q, k, v, mask, causal, scale, dropout_p, seed, rows):
     if causal:
         i = torch.arange(Lq, device=q.device)[:, None]
         j = torch.arange(Lk, device=q.device)[None, :]
-        allowed = allowed & (j <= i + (Lk - Lq))
+        shift = Lk - Lq if shift is None else shift[:, None, None, None]
+        allowed = allowed & (j <= i + shift)
     alive = allowed.any(-1, keepdim=True)
     # Dead rows (no key) get finite placeholder scores, so neither softmax nor its gradient
     # produces NaN, and are zeroed after it.
@@ -66,12 +68,41 @@ def _dense(q, k, v, mask, causal, scale, dropout_p, seed, rows):
 def forward(q, k, v, key_padding_mask=None, cu_seqlens_q=None, cu_seqlens_k=None,
             causal=False, scale=1.0, dropout_p=0.0, seed=0):
     """(out, lse) as described in the module docstring; differentiable in q, k, v."""
-    acc = compute_dtype(q.dtype)
     if cu_seqlens_q is None:
         B, H, Lq, _ = q.shape
         rows = torch.arange(B * H * Lq, device=q.device).view(B, H, Lq)
         out, lse = _dense(q, k, v, key_padding_mask, causal, scale, dropout_p, seed, rows)
         return out.to(q.dtype), lse
+    Tq, H, _ = q.shape
+    lens_q, lens_k = cu_seqlens_q.diff().long(), cu_seqlens_k.diff().long()
+    n = len(lens_q)
+    max_q, max_k = (int(lens_q.max()), int(lens_k.max())) if n else (0, 0)
+    if max_q == 0 or n * max_q * max_k > 4 * int((lens_q * lens_k).sum()) + 4096:
+        return _varlen_loop(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, dropout_p, seed)
+    # The sequences scattered into a padded (n, max_q | max_k) batch, one dense call, and the
+    # rows gathered back: the same per-sequence attention as the loop below, vectorized (used
+    # while padding at most quadruples the scores).
+    seq_q = torch.repeat_interleave(torch.arange(n, device=q.device), lens_q, output_size=Tq)
+    seq_k = torch.repeat_interleave(torch.arange(n, device=q.device), lens_k,
+                                    output_size=k.shape[0])
+    pos_q = torch.arange(Tq, device=q.device) - cu_seqlens_q.long()[seq_q]
+    pos_k = torch.arange(k.shape[0], device=q.device) - cu_seqlens_k.long()[seq_k]
+
+    def padded(x, seq, pos, length):
+        return x.new_zeros(n, length, *x.shape[1:]).index_put((seq, pos), x).transpose(1, 2)
+
+    mask = torch.arange(max_k, device=q.device)[None, :] >= lens_k[:, None]
+    rows = (torch.arange(H, device=q.device)[None, :, None] * Tq
+            + cu_seqlens_q.long()[:-1, None, None] + torch.arange(max_q, device=q.device))
+    out, lse = _dense(padded(q, seq_q, pos_q, max_q), padded(k, seq_k, pos_k, max_k),
+                      padded(v, seq_k, pos_k, max_k), mask, causal, scale, dropout_p, seed,
+                      rows, shift=lens_k - lens_q)
+    return out.transpose(1, 2)[seq_q, pos_q].to(q.dtype), lse.transpose(1, 2)[seq_q, pos_q].T
+
+
+def _varlen_loop(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, dropout_p, seed):
+    """Varlen as one dense call per sequence (for lengths too uneven to pad)."""
+    acc = compute_dtype(q.dtype)
     Tq, H, _ = q.shape
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     outs, lses = [], []

@@ -12,7 +12,9 @@ gates), the example of how every public op is used.
 
 * Attention everywhere is ``mmkernels.nn.MultiheadAttention`` (the fused cross-attention
   kernel): self-attention in both encoders, with the text's key-padding masks, and the
-  text-over-image cross-attention of the fusion layers.
+  text-over-image cross-attention of the fusion layers. There, the texts about one image
+  (its questions and its caption) attend it as one packed variable-length sequence
+  (``cross_attention_varlen``): each image's keys and values are projected once.
 * The contrastive loss is ``mmkernels.nn.ClipLoss`` (or ``SigLipLoss``, with a learnable bias):
   over every rank's negatives under DDP.
 * LoRA (``mmkernels.apply_lora``) adapts the fusion blocks and the answer head per task, and
@@ -84,8 +86,9 @@ class FusionLayer(nn.Module):
             self.cross.attn_gate.fill_(0.5)
             self.cross.ff_gate.fill_(0.5)
 
-    def forward(self, x: Tensor, padding: Tensor, image_tokens: Tensor) -> Tensor:
-        return self.self_attn(self.cross(x, image_tokens), padding)
+    def forward(self, x: Tensor, padding: Tensor, image_tokens: Tensor,
+                image_index: Tensor | None = None) -> Tensor:
+        return self.self_attn(self.cross(x, image_tokens, media_index=image_index), padding)
 
 
 class ImageEncoder(nn.Module):
@@ -200,14 +203,14 @@ class FusionModel(nn.Module):
              image_index: Tensor | None = None) -> Tensor:
         """Text tokens attending to ``image_tokens(images)`` through the trainable media layers
         and the fusion layers → the <cls> state (T, dim). Text i reads image ``image_index[i]``
-        (default: image i), so the texts about one image share its media pass."""
+        (default: image i). The texts about one image share its media pass, and in each fusion
+        layer its key/value projections: their tokens attend it as one packed sequence of
+        ``cross_attention_varlen`` (``GatedCrossAttentionBlock``'s ``media_index``)."""
         for layer in self.media:
             image_tokens = layer(image_tokens)
-        if image_index is not None:
-            image_tokens = image_tokens[image_index]
         x = self.text_encoder(ids, padding)
         for layer in self.fusion:
-            x = layer(x, padding, image_tokens)
+            x = layer(x, padding, image_tokens, image_index)
         return x[:, 0]
 
     def answer_logits(self, question_ids: Tensor, question_padding: Tensor,

@@ -16,6 +16,10 @@ fast path: the fused kernel, never materializing the weights (the same rule as P
 own fast path). ``need_weights=True`` or a general ``attn_mask`` compute what PyTorch does,
 eagerly.
 
+``MultiheadAttention.forward_indexed`` is the one addition to torch's API: queries that share
+key/value sets (several questions about one image) attend them through the packed varlen
+kernel, each set projected once and never copied per query.
+
 ``GatedCrossAttentionBlock`` is Flamingo's gated cross-attention layer.
 """
 from __future__ import annotations
@@ -27,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..attention.cross_attention import cross_attention
+from ..attention.cross_attention import cross_attention, cross_attention_varlen
 
 _QKV = ("q_proj", "k_proj", "v_proj")
 
@@ -155,6 +159,78 @@ class MultiheadAttention(nn.Module):
         return out, weights
 
 
+    def forward_indexed(self, query: Tensor, key: Tensor, value: Tensor, key_index: Tensor,
+                        key_padding_mask: Optional[Tensor] = None) -> Tensor:
+        """Attention where sample b of ``query`` attends key/value set ``key_index[b]``.
+
+        query (B, L, E); key (N, S, kdim) and value (N, S, vdim) hold N sets (sequence first
+        when ``batch_first=False``, as in ``forward``); key_index (B,) integer in [0, N), in any
+        order, a set used by any number of samples (none included); key_padding_mask (N, S)
+        bool, True = padding. Returns the attention output (B, L, E), equal to
+        ``forward(query, key[key_index], value[key_index], key_padding_mask[key_index],
+        need_weights=False)[0]`` but without that copy: each set goes through k_proj/v_proj
+        once, and the queries of the samples sharing a set are packed into one sequence of
+        ``cross_attention_varlen`` whose keys are the set's unpadded keys. A set whose keys are
+        all padding gives zeros, as in ``forward``.
+        """
+        op = "MultiheadAttention.forward_indexed"
+        if self.bias_k is not None or self.add_zero_attn:
+            raise ValueError(f"{op}: add_bias_kv and add_zero_attn are not supported")
+        if query.dim() != 3 or key.dim() != 3 or value.dim() != 3:
+            raise ValueError(f"{op}: query, key and value must be 3-D, got shapes "
+                             f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
+        if not self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        B, L, _ = query.shape
+        N, S, _ = key.shape
+        if value.shape[:2] != key.shape[:2]:
+            raise ValueError(f"{op}: key and value must hold the same sets of the same length, "
+                             f"got shapes {tuple(key.shape)} and {tuple(value.shape)} "
+                             "(batch first)")
+        if not isinstance(key_index, Tensor) or key_index.dtype.is_floating_point \
+                or key_index.dtype.is_complex or key_index.dtype == torch.bool \
+                or key_index.shape != (B,):
+            raise TypeError(f"{op}: key_index must be an integer tensor of shape ({B},) (one set "
+                            f"per query sample), got "
+                            f"{getattr(key_index, 'dtype', type(key_index).__name__)} of shape "
+                            f"{tuple(getattr(key_index, 'shape', ()))}")
+        if B and (int(key_index.min()) < 0 or int(key_index.max()) >= N):
+            raise ValueError(f"{op}: key_index must lie in [0, {N}) (the number of key sets), "
+                             f"got values in [{int(key_index.min())}, {int(key_index.max())}]")
+        if key_padding_mask is not None and (key_padding_mask.dtype != torch.bool
+                                             or tuple(key_padding_mask.shape) != (N, S)):
+            raise ValueError(f"{op}: key_padding_mask must be a bool tensor of shape {(N, S)}, "
+                             f"got {key_padding_mask.dtype} of shape "
+                             f"{tuple(key_padding_mask.shape)}")
+        H, hd = self.num_heads, self.head_dim
+        key_index = key_index.to(device=query.device, dtype=torch.int64)
+        # Samples grouped by set (a stable sort; skipped when already grouped), so that the
+        # queries of set n are consecutive: varlen sequence n.
+        grouped = B < 2 or bool((key_index[1:] >= key_index[:-1]).all())
+        order = None if grouped else torch.argsort(key_index, stable=True)
+        q = self.q_proj(query)
+        if order is not None:
+            q = q.index_select(0, order)
+        k, v = self.k_proj(key), self.v_proj(value)
+        if key_padding_mask is None:
+            k, v = k.reshape(N * S, H, hd), v.reshape(N * S, H, hd)
+            keys = torch.full((N,), S, dtype=torch.int64, device=query.device)
+        else:
+            keep = ~key_padding_mask.to(query.device)
+            k, v = k[keep].view(-1, H, hd), v[keep].view(-1, H, hd)
+            keys = keep.sum(1)
+        queries = torch.bincount(key_index, minlength=N) * L
+        cu_q = F.pad(queries.cumsum(0), (1, 0)).to(torch.int32)
+        cu_k = F.pad(keys.cumsum(0), (1, 0)).to(torch.int32)
+        out = cross_attention_varlen(q.reshape(B * L, H, hd), k, v, cu_q, cu_k,
+                                     dropout_p=self.dropout if self.training else 0.0)
+        out = out.view(B, L, self.embed_dim)
+        if order is not None:
+            out = out.index_select(0, torch.argsort(order))
+        out = self.out_proj(out)
+        return out if self.batch_first else out.transpose(0, 1)
+
+
 def _pad_masks(key_padding_mask, attn_mask):
     """One more key (bias_kv or the zero key): never padding, always attendable."""
     if key_padding_mask is not None:
@@ -231,11 +307,13 @@ class GatedCrossAttentionBlock(nn.Module):
         x = x + tanh(α_ff)   · FFN(LN(x))
 
     with α initialised to 0, so a fresh block is the identity. Text x (B, L, dim) attends to
-    media (B, M, media_dim); ``media_key_padding_mask`` (B, M) bool, True = padding. A sample
-    with no media (``media=None``, or every media token padded) passes through unchanged:
-    both gated branches are zeroed for it, as in Flamingo, where text without preceding media
-    attends to nothing. The attention has no biases (Flamingo's), so its zero output stays
-    zero.
+    media (B, M, media_dim); ``media_key_padding_mask`` (B, M) bool, True = padding. With
+    ``media_index`` (B,), media holds N items (N, M, media_dim), mask (N, M), and sample b reads
+    item ``media_index[b]`` (``MultiheadAttention.forward_indexed``: an item read by several
+    samples is projected once). A sample with no media (``media=None``, or every media token
+    padded) passes through unchanged: both gated branches are zeroed for it, as in Flamingo,
+    where text without preceding media attends to nothing. The attention has no biases
+    (Flamingo's), so its zero output stays zero.
     """
 
     def __init__(self, dim, num_heads, media_dim=None, ff_mult=4, dropout=0.0, device=None,
@@ -254,14 +332,23 @@ class GatedCrossAttentionBlock(nn.Module):
         self.ff_gate = nn.Parameter(torch.zeros(1, **factory))
 
     def forward(self, x: Tensor, media: Optional[Tensor] = None,
-                media_key_padding_mask: Optional[Tensor] = None) -> Tensor:
+                media_key_padding_mask: Optional[Tensor] = None,
+                media_index: Optional[Tensor] = None) -> Tensor:
         if media is None:
             return x
-        attended, _ = self.attn(self.norm_attn(x), media, media, need_weights=False,
-                                key_padding_mask=media_key_padding_mask)
+        h = self.norm_attn(x)
+        if media_index is None:
+            attended, _ = self.attn(h, media, media, need_weights=False,
+                                    key_padding_mask=media_key_padding_mask)
+        else:
+            attended = self.attn.forward_indexed(h, media, media, media_index,
+                                                 media_key_padding_mask)
         gate_attn, gate_ff = self.attn_gate.tanh(), self.ff_gate.tanh()
         if media_key_padding_mask is not None:
-            has_media = (~media_key_padding_mask).any(dim=1).to(x.dtype)[:, None, None]
+            has_media = (~media_key_padding_mask).any(dim=1)
+            if media_index is not None:
+                has_media = has_media[media_index]
+            has_media = has_media.to(x.dtype)[:, None, None]
             gate_attn, gate_ff = gate_attn * has_media, gate_ff * has_media
         x = x + gate_attn * attended
         return x + gate_ff * self.ff(self.norm_ff(x))

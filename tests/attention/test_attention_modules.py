@@ -171,6 +171,75 @@ def test_bad_input():
 
 
 # ---------------------------------------------------------------------------------------
+# forward_indexed: queries sharing key/value sets (packed varlen)
+# ---------------------------------------------------------------------------------------
+
+def indexed_inputs(kdim=E, vdim=E, sets=4, dtype=torch.float64):
+    """7 query samples over 4 sets in a random order: set 1 unused, set 2 read three times,
+    set 3 all padding (zeros out, as in forward)."""
+    index = torch.tensor([2, 0, 2, 3, 0, 2, 0])[torch.randperm(7)].to(device())
+    q = torch.randn(7, L, E, dtype=dtype, device=device())
+    k = torch.randn(sets, S, kdim, dtype=dtype, device=device())
+    v = torch.randn(sets, S, vdim, dtype=dtype, device=device())
+    mask = torch.rand(sets, S, device=device()) < 0.4
+    mask[:, 0] = False
+    mask[3] = True
+    return q, k, v, index, mask
+
+
+@pytest.mark.parametrize("config", ["batch-first", "self", "kdim-vdim"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_forward_indexed_equals_forward_on_copied_sets(config, masked):
+    kw = CONFIGS[config]
+    ours, _ = pair(**kw)
+    q, k, v, index, mask = indexed_inputs(kw.get("kdim", E), kw.get("vdim", E))
+    mask = mask if masked else None
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    bf = kw.get("batch_first", False)
+    tr = (lambda t: t) if bf else (lambda t: t.transpose(0, 1))
+    a = ours.forward_indexed(tr(q), tr(k), tr(v), index, mask)
+    b = ours(tr(q), tr(k[index]), tr(v[index]), need_weights=False,
+             key_padding_mask=None if mask is None else mask[index])[0]
+    assert_close(a, b, 1e-10, "output")
+    w = torch.randn_like(a)
+    grads_a = torch.autograd.grad((a * w).sum(), leaves + list(ours.parameters()))
+    grads_b = torch.autograd.grad((b * w).sum(), leaves + list(ours.parameters()))
+    for name, ga, gb in zip(["q", "k", "v"] + [n for n, _ in ours.named_parameters()],
+                            grads_a, grads_b):
+        assert_close(ga, gb, 1e-10, f"grad {name}")
+    if masked:
+        dead = tr(a)[index == 3]
+        assert_close(dead, ours.out_proj.bias.expand_as(dead), 1e-12,
+                     "a set all padding gives out_proj(0)")
+
+
+def test_forward_indexed_fp32_and_compiled():
+    ours = MultiheadAttention(E, HEADS, batch_first=True).to(device())
+    q, k, v, index, mask = indexed_inputs(dtype=torch.float32)
+    ref = ours(q, k[index], v[index], key_padding_mask=mask[index], need_weights=False)[0]
+    assert_close(ours.forward_indexed(q, k, v, index, mask), ref, 1e-5, "fp32")
+    compiled = torch.compile(ours.forward_indexed)
+    assert_close(compiled(q, k, v, index, mask), ref, 1e-5, "compiled")
+
+
+def test_forward_indexed_bad_input():
+    ours = MultiheadAttention(E, HEADS, batch_first=True).to(device())
+    q, k, v, index, mask = indexed_inputs(dtype=torch.float32)
+    with pytest.raises(TypeError, match=r"key_index must be an integer tensor of shape \(7,\)"):
+        ours.forward_indexed(q, k, v, index.float(), mask)
+    with pytest.raises(TypeError, match="key_index must be an integer tensor"):
+        ours.forward_indexed(q, k, v, index[:3], mask)
+    with pytest.raises(ValueError, match=r"key_index must lie in \[0, 4\)"):
+        ours.forward_indexed(q, k, v, index + 2, mask)
+    with pytest.raises(ValueError, match=r"key_padding_mask must be a bool tensor of shape"):
+        ours.forward_indexed(q, k, v, index, mask[:, 1:])
+    with pytest.raises(ValueError, match="key and value must hold the same sets"):
+        ours.forward_indexed(q, k, v[:3], index, mask)
+    biased = MultiheadAttention(E, HEADS, batch_first=True, add_bias_kv=True).to(device())
+    with pytest.raises(ValueError, match="add_bias_kv and add_zero_attn are not supported"):
+        biased.forward_indexed(q, k, v, index, mask)
+
+# ---------------------------------------------------------------------------------------
 # Flamingo block
 # ---------------------------------------------------------------------------------------
 
@@ -216,3 +285,20 @@ def test_gated_block_matches_formula():
     y = y + math.tanh(-0.7) * block.ff(block.norm_ff(y))
     assert_close(block(x, media), y, 1e-10)
     assert mmkernels.nn.GatedCrossAttentionBlock is GatedCrossAttentionBlock
+
+
+def test_gated_block_media_index():
+    """media_index reads shared media (forward_indexed) and equals the copied media; a sample
+    whose media is all padding passes through unchanged."""
+    block = GatedCrossAttentionBlock(16, 4, media_dim=24).to(device(), torch.float64)
+    with torch.no_grad():
+        block.attn_gate.fill_(0.4)
+        block.ff_gate.fill_(0.6)
+    x = torch.randn(7, 5, 16, dtype=torch.float64, device=device())
+    media = torch.randn(4, 9, 24, dtype=torch.float64, device=device())
+    mask = torch.rand(4, 9, device=device()) < 0.3
+    mask[3] = True
+    index = torch.tensor([3, 1, 1, 0, 3, 2, 1], device=device())
+    out = block(x, media, mask, media_index=index)
+    assert_close(out, block(x, media[index], mask[index]), 1e-10, "media_index")
+    assert torch.equal(out[index == 3], x[index == 3])

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import mmkernels
+from mmkernels.attention import reference
 from attention_cases import (DENSE_SHAPES, DENSE_SHAPES_INTERPRETER, VARLEN_CASES, cu_seqlens,
                              dense, oracle, varlen)
 from backends import all_backends, device, fast_backends, interpreted
@@ -87,6 +88,26 @@ def test_varlen_equals_dense_per_sequence(backend):
                    v[c:d].transpose(0, 1)[None], backend=backend)
         assert_close(out[a:b], one[0].transpose(0, 1), FP32_RTOL)
 
+
+@pytest.mark.parametrize("lens", VARLEN_CASES + [([6, 7, 5, 6], [64, 60, 64, 1])], ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_reference_varlen_padded_equals_per_sequence(lens, causal, dropout_p):
+    """The reference runs a packed batch as one padded dense call (when padding at most
+    quadruples the work): the same out, lse, dropout mask and gradients as a dense call per
+    sequence, with GQA, empty sequences and per-sequence causal alignment."""
+    q, k, v, cq, ck = varlen(*lens, 4, 2, 8, 12, dtype=torch.float64)
+    args = (cq, ck, causal, 0.35, dropout_p, 1234)
+    out, lse = reference.forward(q, k, v, None, *args)
+    loop_out, loop_lse = reference._varlen_loop(q, k, v, *args)
+    assert_close(out, loop_out, 1e-13, "out")
+    assert torch.equal(torch.isinf(lse), torch.isinf(loop_lse))
+    finite = torch.isfinite(loop_lse)
+    assert_close(lse[finite], loop_lse[finite], 1e-13, "lse")
+    w = torch.randn_like(out)
+    for name, a, b in zip("qkv", torch.autograd.grad((out * w).sum(), (q, k, v)),
+                          torch.autograd.grad((loop_out * w).sum(), (q, k, v))):
+        assert_close(a, b, 1e-13, f"grad {name}")
 
 @pytest.mark.parametrize("backend", all_backends())
 def test_fully_masked_rows_zero_out_and_grads(backend):

@@ -41,6 +41,27 @@ def test_forward_dispatches_tasks():
     assert logits.shape == (4, len(ANSWERS))
 
 
+def test_shared_images_equal_copied_images():
+    """Texts reading shared images through image_index (one media pass per image, packed varlen
+    cross-attention) get the <cls> states and gradients of each text with its own image copy."""
+    model = FusionModel(TINY_MODEL).double()
+    data = make_split(6, 0)
+    q = torch.randperm(len(data.question_ids))[:7]
+    index = torch.tensor([4, 0, 4, 2, 0, 4, 5])[torch.randperm(7)]  # images 1 and 3 unused
+    tokens = model.image_tokens(data.images.double())
+    shared = model.fuse(data.question_ids[q], data.question_mask[q], tokens, index)
+    copied = model.fuse(data.question_ids[q], data.question_mask[q], tokens[index])
+    torch.testing.assert_close(shared, copied, rtol=1e-10, atol=1e-12)
+    w = torch.randn_like(shared)
+    params = [p for p in model.parameters()]
+    for a, b in zip(torch.autograd.grad((shared * w).sum(), params, allow_unused=True,
+                                        retain_graph=True),
+                    torch.autograd.grad((copied * w).sum(), params, allow_unused=True)):
+        if a is None or b is None:
+            assert a is None and b is None
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
 @pytest.mark.slow
 def test_quick_demo_learns(tmp_path):
     """The quick config (what CI runs) learns every task: each stage's loss falls, retrieval
