@@ -1,9 +1,10 @@
 """The contrastive family's test inputs and oracles: features, dense float64 tile primitives,
 and the float64 parity check with the absolute floors of exactly-cancelling losses."""
+import pytest
 import torch
 
-from oracle import (as64, assert_close, log_uniform, loss_and_grads, strided_copy,
-                    transposed_copy)
+from oracle import (as64, assert_close, assert_close_like_peer, log_uniform, loss_and_grads,
+                    strided_copy, transposed_copy)
 
 def features(b: int, d: int, dtype=torch.float32, *, device="cpu", noncontig=False,
              norm: float | None = 1.0) -> torch.Tensor:
@@ -115,3 +116,26 @@ def check_against_float64(loss_fn, inputs, rtol, weights=None, grad_rtol=None, *
         floor = rtol * weight * max(m, 1.0) if g.dim() == 0 else \
             max(atol, eps * m * abs(inputs[2].item())) * weight / b
         assert_close(g, r, grad_rtol or rtol, f"d_{name}", floor * g.numel() ** 0.5)
+
+
+def check_against_peer(ours, peer_name, inputs, rtol):
+    """``ours`` and open_clip's loss module ``peer_name`` (skipped where open_clip is not
+    installed) on the same (image, text, scale, bias) inputs (bias may be None): the same
+    output keys, and the loss and each input's gradient held to the peer run in float64
+    (``assert_close_like_peer``)."""
+    from mmkernels.tools.bench.peers import PeerUnavailable, load_open_clip_loss
+    try:
+        theirs = getattr(load_open_clip_loss(), peer_name)()
+    except PeerUnavailable as exc:
+        pytest.skip(str(exc))
+    results = []
+    for loss, x in ((ours, inputs), (theirs, inputs), (theirs, as64(*inputs))):
+        out = loss(*x, output_dict=True)
+        leaves = [t for t in x if t is not None]
+        results.append((out, torch.autograd.grad(out["contrastive_loss"], leaves)))
+    (out, grads), (ref, ref_grads), (exact, exact_grads) = results
+    assert out.keys() == ref.keys()
+    assert_close_like_peer(out["contrastive_loss"], ref["contrastive_loss"],
+                           exact["contrastive_loss"], rtol, "loss")
+    for name, g, r, e in zip(("image", "text", "scale", "bias"), grads, ref_grads, exact_grads):
+        assert_close_like_peer(g, r, e, rtol, f"grad {name}")

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 import mmkernels
 from backends import all_backends, device, interpreted
 from contract import ContractTests, OpContract
-from contrastive_cases import check_against_float64, make_inputs
-from oracle import FP32_RTOL, as64, assert_close, assert_close_like_peer
+from contrastive_cases import check_against_float64, check_against_peer, make_inputs
+from oracle import FP32_RTOL, as64, assert_close
 
 LOSS = mmkernels.siglip_loss
 SHAPES = [(1, 1), (2, 7), (7, 33), (127, 64), (257, 129), (1000, 31)]
@@ -43,24 +43,8 @@ def opcheck_calls(inputs, backend):
 
 
 def peer(backend):
-    from mmkernels.tools.bench.peers import load_open_clip_loss, PeerUnavailable
-    try:
-        open_clip_loss = load_open_clip_loss()
-    except PeerUnavailable as exc:
-        pytest.skip(str(exc))
-    inputs = make(33, 16, torch.float32, bias=True)
-    results = []
-    for loss, x in ((mmkernels.nn.SigLipLoss(backend=backend), inputs),
-                    (open_clip_loss.SigLipLoss(), inputs), (open_clip_loss.SigLipLoss(),
-                                                            as64(*inputs))):
-        out = loss(*x, output_dict=True)
-        results.append((out, torch.autograd.grad(out["contrastive_loss"], x)))
-    (out, grads), (ref, ref_grads), (exact, exact_grads) = results
-    assert out.keys() == ref.keys()
-    assert_close_like_peer(out["contrastive_loss"], ref["contrastive_loss"],
-                           exact["contrastive_loss"], FP32_RTOL, "loss")
-    for name, g, r, e in zip(("image", "text", "scale", "bias"), grads, ref_grads, exact_grads):
-        assert_close_like_peer(g, r, e, FP32_RTOL, f"grad {name}")
+    check_against_peer(mmkernels.nn.SigLipLoss(backend=backend), "SigLipLoss",
+                       make(33, 16, torch.float32, bias=True), FP32_RTOL)
 
 
 class TestSigLIPContract(ContractTests):
