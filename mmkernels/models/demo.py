@@ -99,8 +99,7 @@ def questions_about(data, idx, types):
     ``idx`` (the questions of an image are consecutive)."""
     per = data.questions_per_image
     q = (idx[:, None] * per + torch.arange(per)).flatten()
-    codes = torch.tensor([QUESTION_TYPES.index(t) for t in types])
-    keep = torch.isin(data.question_type.cpu()[q], codes)
+    keep = _of_types(data, types)[q]
     return q[keep], torch.arange(len(idx)).repeat_interleave(per)[keep]
 
 
@@ -135,9 +134,14 @@ def fusion_step(model, data, idx, gen):
     return loss, n + len(idx)
 
 
-def questions_of(data, types) -> torch.Tensor:
+def _of_types(data, types) -> torch.Tensor:
+    """For every question of ``data``, whether its type is one of ``types`` (on the CPU)."""
     codes = torch.tensor([QUESTION_TYPES.index(t) for t in types])
-    return torch.isin(data.question_type.cpu(), codes).nonzero()[:, 0]
+    return torch.isin(data.question_type.cpu(), codes)
+
+
+def questions_of(data, types) -> torch.Tensor:
+    return _of_types(data, types).nonzero()[:, 0]
 
 
 # ---------------------------------------------------------------------------------------

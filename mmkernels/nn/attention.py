@@ -158,7 +158,6 @@ class MultiheadAttention(nn.Module):
             out = out.transpose(0, 1)
         return out, weights
 
-
     def forward_indexed(self, query: Tensor, key: Tensor, value: Tensor, key_index: Tensor,
                         key_padding_mask: Optional[Tensor] = None) -> Tensor:
         """Attention where sample b of ``query`` attends key/value set ``key_index[b]``.

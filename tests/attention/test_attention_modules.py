@@ -239,6 +239,7 @@ def test_forward_indexed_bad_input():
     with pytest.raises(ValueError, match="add_bias_kv and add_zero_attn are not supported"):
         biased.forward_indexed(q, k, v, index, mask)
 
+
 # ---------------------------------------------------------------------------------------
 # Flamingo block
 # ---------------------------------------------------------------------------------------

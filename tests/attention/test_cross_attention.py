@@ -109,6 +109,7 @@ def test_reference_varlen_padded_equals_per_sequence(lens, causal, dropout_p):
                           torch.autograd.grad((loop_out * w).sum(), (q, k, v))):
         assert_close(a, b, 1e-13, f"grad {name}")
 
+
 @pytest.mark.parametrize("backend", all_backends())
 def test_fully_masked_rows_zero_out_and_grads(backend):
     q, k, v, m = dense(3, 2, 2, 5, 9, 8, 8, device=device(), mask="dead")
