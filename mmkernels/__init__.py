@@ -24,8 +24,24 @@ if _cpp.load() is not None:
     from .contrastive import cpu as _contrastive_cpu  # noqa: F401
     from .lora import cpu as _lora_cpu  # noqa: F401
 
+
+
+def empty_cache() -> None:
+    """Free the memory the C++ kernels hold between calls.
+
+    One large buffer is held (today: InfoNCE's kept B×B logits, 64 MiB at B = 4096 in fp32),
+    so that the next training step reuses it instead of faulting in fresh pages. This returns
+    it to the system, as ``torch.cuda.empty_cache()`` does for CUDA's cache; a buffer still in
+    use by a live autograd graph is freed when that graph is.
+    """
+    ops = _cpp.load()
+    if ops is not None:
+        ops.empty_cache()
+
+
 __all__ = [
     "BackendUnavailableError",
+    "empty_cache",
     "apply_lora",
     "available_backends",
     "cross_attention",

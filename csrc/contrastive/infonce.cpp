@@ -289,7 +289,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> infonce_lse(
   at::Tensor X_kernel;  // the kept logits in the kernel frame, (rows x cols) contiguous
   at::Tensor tiles;
   if (keep) {
-    X_kernel = swap ? empty_huge_pages(N, M, f.I.options()) : empty_huge_pages(M, N, f.I.options());
+    // Held between calls (common/alloc.h): the next step's forward reuses this memory.
+    X_kernel = swap ? cached_huge_pages(N, M, f.I.options()) : cached_huge_pages(M, N, f.I.options());
     tiles = swap ? X_kernel.t() : X_kernel;
   } else {
     tiles = at::empty({0}, f.I.options());

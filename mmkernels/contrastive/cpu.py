@@ -16,6 +16,9 @@ gives them zero weight. The tiles kept by ``infonce_lse(keep=True)`` are only re
 ``infonce_grad``, never modified, so a graph kept with ``retain_graph=True`` may run its
 backward again. When M > N the kernels work on the transposed problem, and the kept logits
 are the transposed view of an (N, M) contiguous buffer (the fake gives the same strides).
+Kept logits of 4 MiB or more are written into the one buffer the extension holds between
+calls (csrc/common/alloc.h), which a later call reuses once no tensor references it;
+``mmkernels.empty_cache()`` frees it.
 
 This module registers their fake (meta) implementations, so that torch.compile and
 torch.library.opcheck can trace them (the C++ side names this module with

@@ -8,7 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import mmkernels
 from mmkernels import _cpp
+from mmkernels.contrastive import reference
 from oracle import FP32_RTOL, FP64_RTOL, assert_close, strided_copy, transposed_copy
 
 pytestmark = pytest.mark.skipif(_cpp.load() is None,
@@ -309,6 +311,72 @@ def test_grad_accepts_tiles_of_any_layout():
     for x, y, z in zip(a, b, c):
         torch.testing.assert_close(x, y, rtol=0, atol=0)
         torch.testing.assert_close(x, z, rtol=1e-12, atol=1e-12)
+
+
+# (1100 x 1100 fp32: 4.6 MiB, over the 4 MiB from which the extension holds the buffer.)
+HELD = 1100
+
+
+def test_held_buffer_is_reused_only_when_free():
+    """Kept logits of >= 4 MiB live in the one buffer the extension holds between calls
+    (csrc/common/alloc.h): the next call reuses it once nothing references it; a call made
+    while it is in use gets its own memory and leaves the first call's logits intact."""
+    mmkernels.empty_cache()
+    scale, bias = scalars(True)
+    i, t = features(HELD, HELD, 8, torch.float32)
+    first = CppPrimitives.lse(i, t, scale, bias, 0, True)[3]
+    held, snapshot = first.data_ptr(), first.clone()
+    view = first[1:]
+    del first
+    i2, t2 = features(HELD, HELD, 8, torch.float32)
+    busy = CppPrimitives.lse(i2, t2, scale, bias, 0, True)[3]  # a view still uses the buffer
+    assert busy.data_ptr() != held
+    assert torch.equal(view, snapshot[1:])
+    del view
+    again = CppPrimitives.lse(i2, t2, scale, bias, 0, True)[3]
+    assert again.data_ptr() == held and torch.equal(again, busy)
+    del again
+    # Another size replaces the held buffer.
+    other = CppPrimitives.lse(i[:-1], t, scale, bias, 0, True)[3]
+    assert other.shape == (HELD - 1, HELD)
+    assert_close(other, dense_logits(i[:-1], t, scale, bias), FP32_RTOL, "tiles")
+    del other
+    mmkernels.empty_cache()
+
+
+def test_held_buffer_under_retained_graphs():
+    """Training-loop use of the held buffer: two losses in one graph, the graph retained
+    across a later step, and its backward run again: every gradient still matches the float64
+    formula, so no step ever writes into logits that a live graph keeps."""
+    mmkernels.empty_cache()
+
+    def step(seed):
+        torch.manual_seed(seed)
+        i, t = features(HELD, HELD, 8, torch.float32, requires_grad=True)
+        return i, t, mmkernels.infonce_loss(i, t, 5.0, backend="cpu")
+
+    def expected(i, t):
+        i64, t64 = i.detach().double().requires_grad_(), t.detach().double().requires_grad_()
+        reference.infonce_loss(i64, t64, torch.tensor(5.0, dtype=torch.float64), None).mean() \
+            .backward()
+        return i64.grad, t64.grad
+
+    a_i, a_t, loss_a = step(1)
+    b_i, b_t, loss_b = step(2)  # a's logits are in use: b gets its own buffer
+    (loss_a + loss_b).backward(retain_graph=True)
+    first = [x.grad.clone() for x in (a_i, a_t, b_i, b_t)]
+    for x, ref in zip(first, [*expected(a_i, a_t), *expected(b_i, b_t)]):
+        assert_close(x, ref.float(), FP32_RTOL, "gradient")
+    c_i, c_t, loss_c = step(3)  # the graph above still holds its logits
+    loss_c.backward()
+    for x, ref in zip((c_i.grad, c_t.grad), expected(c_i, c_t)):
+        assert_close(x, ref.float(), FP32_RTOL, "gradient")
+    for x in (a_i, a_t, b_i, b_t):
+        x.grad = None
+    (loss_a + loss_b).backward()
+    for x, y in zip((a_i.grad, a_t.grad, b_i.grad, b_t.grad), first):
+        assert torch.equal(x, y)
+    mmkernels.empty_cache()
 
 
 @pytest.mark.parametrize("keep", KEEP)
