@@ -2,9 +2,10 @@
 // sweep over tiles, leaving the positive pairs out (the host adds their terms without
 // cancellation); the backward turns each tile into softmax weights and feeds both gradient
 // GEMMs. The tiles are either recomputed in the backward (8 M N D FLOPs in all, never more
-// than a few bm x bn tiles of X held) or, when the caller asks the forward to keep them,
-// copied by the forward into an M x N buffer and only read by the backward
-// (6 M N D FLOPs). See tiles.h for the tiling.
+// than a few bm x bn tiles of X held) or, for the first `keep_rows` rows the caller asks the
+// forward to keep (all of them, or whole row blocks within a memory budget), copied by the
+// forward into a buffer and only read by the backward (6 M N D FLOPs for a kept row, 8 for a
+// recomputed one). See tiles.h for the tiling.
 //
 // Registers mmkernels::infonce_lse and mmkernels::infonce_grad (CPU kernels; fake tensor
 // implementations in mmkernels/contrastive/cpu.py).
@@ -155,21 +156,21 @@ void lse_tile(double* S, int64_t bm, int64_t bn, double s, double b, bool has_po
 // One sweep over the tiles of the kernel frame (rows of A against rows of B). Writes the
 // off-positive row and column LSE (kernel frame) and the positives' logits into diag (caller
 // frame: indexed by image row, i.e. by kernel column when the sides are swapped; entries
-// without a positive are left alone). With X defined ((rows x cols) contiguous) the logits
-// are also copied there.
+// without a positive are left alone). With X defined ((K x cols) contiguous, K a whole
+// number of row blocks or all rows) the logits of the first K rows are also copied there.
 template <typename T>
 void lse_pass(const TilePlan& plan, const at::Tensor& A, const at::Tensor& B, T s, T b,
               const Positives& pos, bool swap, const at::Tensor& X, T* row_lse, T* col_lse,
               T* diag) {
   const T ninf = neg_inf<T>();
-  const bool kept = X.defined();
+  const int64_t kept_rows = X.defined() ? X.size(0) : 0;
   // Per-chunk workspace: the tile, then row max and row sum (bm each), then the column
   // scratch of lse_tile (bn each).
   const int64_t tile_len = plan.bm * plan.bn;
   const int64_t ws_len = tile_len + 2 * plan.bm + 2 * plan.bn;
   const at::Tensor ws = at::empty({plan.chunks, ws_len}, A.options());
   T* const ws0 = ws.data_ptr<T>();
-  T* const x0 = kept ? X.data_ptr<T>() : nullptr;
+  T* const x0 = kept_rows > 0 ? X.data_ptr<T>() : nullptr;
   // Column state lives for the whole pass; each entry is only touched by the chunk that
   // owns its column block.
   std::vector<T> cmax(plan.cols, ninf), csum(plan.cols, T(0));
@@ -184,6 +185,7 @@ void lse_pass(const TilePlan& plan, const at::Tensor& A, const at::Tensor& B, T 
     // diag[dg + i] receives the positive of tile row i: indexed by the kernel row, or by the
     // kernel column (row + off) when swapped.
     const int64_t dg = swap ? r0 + pos.off : r0;
+    const bool kept = r0 < kept_rows;
     parallel_chunks(plan, [&](int64_t t) {
       T* const rmax = row_max(t);
       T* const rsum = row_sum(t);
@@ -272,29 +274,33 @@ double p_tile(const double* x, int64_t ld, double* W, int64_t bm, int64_t bn, do
 // Entry points
 // ---------------------------------------------------------------------------------------
 
-// The kept logits X (M x N) of a call with swapped sides are stored as X^T (N x M
-// contiguous, the kernel frame) and returned as its transposed view; the fake in cpu.py
-// gives the same strides.
+// Kept logits are in the kernel frame: rows of X when M <= N, rows of X^T when the sides are
+// swapped. keep_rows must be 0, all rows, or a multiple of the row block (partial keeps cover
+// whole row blocks, so that every tile is either kept or recomputed).
+void check_keep_rows(int64_t keep_rows, int64_t rows, const char* fn) {
+  TORCH_CHECK(keep_rows >= 0 && keep_rows <= rows, fn, ": keep_rows must be in [0, ", rows,
+              "] (min(M, N)), got ", keep_rows);
+  TORCH_CHECK(keep_rows == rows || keep_rows % kRowBlock == 0, fn, ": keep_rows must be ", rows,
+              " (all rows) or a multiple of ", kRowBlock, ", got ", keep_rows);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> infonce_lse(
     const at::Tensor& I, const at::Tensor& T, const at::Tensor& scale,
-    const std::optional<at::Tensor>& bias, int64_t offset, bool keep) {
+    const std::optional<at::Tensor>& bias, int64_t offset, int64_t keep_rows) {
   const Features f = prepare_features(I, T, scale, bias, "infonce_lse");
   const int64_t M = f.I.size(0), N = f.T.size(0);
+  const bool swap = swap_sides(M, N);
+  const int64_t rows = swap ? N : M, cols = swap ? M : N;
+  check_keep_rows(keep_rows, rows, "infonce_lse");
   const double ninf = -std::numeric_limits<double>::infinity();
   // log of an empty sum, and "no positive", until the pass says otherwise.
   at::Tensor row_lse = at::full({M}, ninf, f.I.options());
   at::Tensor col_lse = at::full({N}, ninf, f.I.options());
   at::Tensor diag = at::full({M}, ninf, f.I.options());
-  const bool swap = swap_sides(M, N);
-  at::Tensor X_kernel;  // the kept logits in the kernel frame, (rows x cols) contiguous
-  at::Tensor tiles;
-  if (keep) {
-    // Held between calls (common/alloc.h): the next step's forward reuses this memory.
-    X_kernel = swap ? cached_huge_pages(N, M, f.I.options()) : cached_huge_pages(M, N, f.I.options());
-    tiles = swap ? X_kernel.t() : X_kernel;
-  } else {
-    tiles = at::empty({0}, f.I.options());
-  }
+  // The kept rows, (keep_rows x cols) contiguous; held between calls (common/alloc.h), so
+  // the next step's forward reuses this memory.
+  at::Tensor tiles = keep_rows > 0 ? cached_huge_pages(keep_rows, cols, f.I.options())
+                                   : at::empty({0}, f.I.options());
   if (M == 0 || N == 0) return {row_lse, col_lse, diag, tiles};
   const at::Tensor& A = swap ? f.T : f.I;
   const at::Tensor& B = swap ? f.I : f.T;
@@ -304,7 +310,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> infonce_lse(
   const Positives pos(offset, M, N, swap);
   AT_DISPATCH_FLOATING_TYPES(f.dtype, "infonce_lse", [&] {
     lse_pass<scalar_t>(plan, A, B, static_cast<scalar_t>(f.scale), static_cast<scalar_t>(f.bias),
-                       pos, swap, X_kernel, lse_A.data_ptr<scalar_t>(),
+                       pos, swap, keep_rows > 0 ? tiles : at::Tensor(), lse_A.data_ptr<scalar_t>(),
                        lse_B.data_ptr<scalar_t>(), diag.data_ptr<scalar_t>());
   });
   return {row_lse, col_lse, diag, tiles};
@@ -324,10 +330,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_grad(
   TORCH_CHECK(tiles.defined(), fn, ": tiles must be a tensor (empty to recompute the logits)");
   TORCH_CHECK(tiles.device().is_cpu(), fn, ": tiles must be a CPU tensor, got ", tiles.device());
   const bool kept = !(tiles.dim() == 1 && tiles.size(0) == 0);
+  const bool swap = swap_sides(M, N);
+  const int64_t rows = swap ? N : M, cols = swap ? M : N;
   if (kept) {
-    TORCH_CHECK(tiles.dim() == 2 && tiles.size(0) == M && tiles.size(1) == N, fn,
-                ": tiles must be empty (shape (0,)) or the logits of shape (", M, ", ", N,
-                "), got ", tiles.sizes());
+    TORCH_CHECK(tiles.dim() == 2 && tiles.size(0) > 0 && tiles.size(1) == cols, fn,
+                ": tiles must be empty (shape (0,)) or the kept rows of the logits, of shape (K, ",
+                cols, ") with K as infonce_lse's keep_rows, got ", tiles.sizes());
+    check_keep_rows(tiles.size(0), rows, fn);
     TORCH_CHECK(tiles.scalar_type() == f.dtype, fn, ": tiles must have the compute dtype ",
                 f.dtype, ", got ", tiles.scalar_type());
   }
@@ -336,24 +345,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_grad(
   at::Tensor A_T = M > 0 && N > 0 ? at::empty_like(f.T) : at::zeros_like(f.T);
   double psum = 0;
   if (M > 0 && N > 0) {
-    const bool swap = swap_sides(M, N);
     const at::Tensor& A = swap ? f.T : f.I;
     const at::Tensor& B = swap ? f.I : f.T;
     const at::Tensor& lse_A = swap ? clse : rlse;
     const at::Tensor& lse_B = swap ? rlse : clse;
     const at::Tensor& w_A = swap ? cw : rw;
     const at::Tensor& w_B = swap ? rw : cw;
-    // The kept logits in the kernel frame: what infonce_lse returned is already laid out so
-    // (no copy); any other layout is copied. Only read: the tensor may be reused.
-    const at::Tensor X =
-        kept ? (swap ? tiles.detach().t() : tiles.detach()).contiguous() : at::Tensor();
+    // The kept rows: what infonce_lse returned is already contiguous (no copy); any other
+    // layout is copied. Only read: the tensor may be reused.
+    const at::Tensor X = kept ? tiles.detach().contiguous() : at::Tensor();
+    const int64_t kept_rows = kept ? X.size(0) : 0;
     const TilePlan plan(A.size(0), B.size(0));
     const Positives pos(offset, M, N, swap);
     std::vector<double> chunk_psum(plan.chunks, 0.0);
     AT_DISPATCH_FLOATING_TYPES(f.dtype, "infonce_grad", [&] {
-      // Kept tiles already hold X: s = 1, b = 0 leave them unchanged.
-      const scalar_t s = kept ? scalar_t(1) : static_cast<scalar_t>(f.scale);
-      const scalar_t b = kept ? scalar_t(0) : static_cast<scalar_t>(f.bias);
+      const scalar_t s = static_cast<scalar_t>(f.scale);
+      const scalar_t b = static_cast<scalar_t>(f.bias);
       const scalar_t* la = lse_A.data_ptr<scalar_t>();
       const scalar_t* lb = lse_B.data_ptr<scalar_t>();
       const scalar_t* wa = w_A.data_ptr<scalar_t>();
@@ -362,8 +369,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_grad(
           plan, A, B, X, swap ? A_T : A_I, swap ? A_I : A_T,
           [&](const scalar_t* x, int64_t ld, scalar_t* W, int64_t r0, int64_t bm, int64_t c0,
               int64_t bn, int64_t t) {
-            chunk_psum[t] += p_tile(x, ld, W, bm, bn, s, b, pos.any, pos.diag0(r0, c0),
-                                    wa + r0, la + r0, wb + c0, lb + c0);
+            // Kept tiles already hold X: s = 1, b = 0 leave them unchanged.
+            const bool k = r0 < kept_rows;
+            chunk_psum[t] += p_tile(x, ld, W, bm, bn, k ? scalar_t(1) : s, k ? scalar_t(0) : b,
+                                    pos.any, pos.diag0(r0, c0), wa + r0, la + r0, wb + c0,
+                                    lb + c0);
           });
     });
     for (const double p : chunk_psum) psum += p;
@@ -388,25 +398,27 @@ TORCH_LIBRARY_FRAGMENT(mmkernels, m) {
   // positive pairs (i, i + offset) left out.
   //
   // image: (M, D), text: (N, D); scale, bias: one-element tensors (bias may be None); offset:
-  // any integer (positives outside the matrix are simply absent). Returns
+  // any integer (positives outside the matrix are simply absent); keep_rows: how many rows of
+  // the logits to keep for infonce_grad, in the kernel frame (X when M <= N, X^T when M > N,
+  // rows = min(M, N)): 0, all rows, or a multiple of 256 (whole row blocks). Returns
   //   row_lse_off (M,): log sum_{j != i + offset} exp(X[i, j])  (-inf when nothing is left),
   //   col_lse_off (N,): log sum_{i : i + offset != j} exp(X[i, j]),
   //   diag (M,): X[i, i + offset] exactly as the pass computed it (-inf where absent),
-  //   tiles: with keep, the logits X (M, N) for infonce_grad (a transposed view of an
-  //          (N, M) contiguous buffer when M > N), else an empty (0,) tensor.
+  //   tiles: the first keep_rows rows of the kernel-frame logits, (keep_rows, max(M, N))
+  //          contiguous, for infonce_grad; an empty (0,) tensor when keep_rows is 0.
   // float64 inputs give float64 outputs; float32, float16 and bfloat16 inputs are computed
   // and returned in float32.
   m.def(
       "infonce_lse(Tensor image, Tensor text, Tensor scale, Tensor? bias, int offset, "
-      "bool keep) -> (Tensor, Tensor, Tensor, Tensor)");
+      "int keep_rows) -> (Tensor, Tensor, Tensor, Tensor)");
 
   // Softmax-gradient accumulation for InfoNCE, off the positives.
   //
   // With P[i, j] = row_w[i] * exp(X[i, j] - row_lse[i]) + col_w[j] * exp(X[i, j] - col_lse[j])
   // for j != i + offset and P[i, i + offset] = 0, returns (A_I = P @ text (M, D),
   // A_T = P.T @ image (N, D), psum = P.sum() (0-dim)), in the compute dtype of infonce_lse.
-  // row_lse/col_lse are the full LSEs. tiles: the logits kept by infonce_lse(keep=True)
-  // ((M, N), compute dtype; read, never modified), or an empty (0,) tensor to recompute them.
+  // row_lse/col_lse are the full LSEs. tiles: the rows kept by infonce_lse (compute dtype;
+  // read, never modified; the rest are recomputed), or an empty (0,) tensor to recompute all.
   m.def(
       "infonce_grad(Tensor image, Tensor text, Tensor scale, Tensor? bias, Tensor row_lse, "
       "Tensor col_lse, Tensor row_w, Tensor col_w, int offset, Tensor tiles) -> "

@@ -8,8 +8,8 @@
 // belongs to exactly one chunk, so all per-column state (running column max/sum, rows of the
 // B-side gradient) is written by one thread without locks; the per-row state of the current
 // row block is kept per chunk and merged after the parallel region. Extra memory is
-// O(chunks * (bm * bn + bm * D)) plus O(rows + cols), plus the full X only when a caller asks
-// InfoNCE's forward to keep it for the backward.
+// O(chunks * (bm * bn + bm * D)) plus O(rows + cols), plus the rows of X that a caller asks
+// InfoNCE's forward to keep for the backward.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -98,9 +98,10 @@ inline at::Tensor tile_logits(const at::Tensor& buf, const at::Tensor& A_blk, co
 // W (bm x bn, leading dimension bn, in a per-chunk buffer) from the tile's logits `src`
 // (leading dimension ld), its own row/column data, and whatever per-chunk scalars it
 // accumulates. The logits come from one of two places:
-//   - recomputed (X undefined): S = A_blk B_blk^T is written into the chunk's buffer, so src
+//   - recomputed (X undefined, or a row block at or past K): S = A_blk B_blk^T is written into the chunk's buffer, so src
 //     holds the raw dot products, src == W and ld == bn (W may overwrite S in place);
-//   - kept (X defined, (rows x cols) contiguous, the forward's X = s A B^T + b): src points
+//   - kept (X defined, (K x cols) contiguous: the forward's X = s A B^T + b for the first K
+//     rows, K a whole number of row blocks or all rows; the row blocks below K): src points
 //     into X, ld == cols. X is only read (it may be saved for another backward).
 // If gA is defined the same W tile then feeds both products: the block's rows of gA = W B
 // (chunk 0 accumulates straight into gA, the other chunks in private bm x D buffers that are
@@ -112,15 +113,16 @@ void weighted_pass(const TilePlan& plan, const at::Tensor& A, const at::Tensor& 
                    const at::Tensor& X, const at::Tensor& gA, const at::Tensor& gB,
                    const WeightTile& weight_tile) {
   const bool accumulate = gA.defined();
-  const bool kept = X.defined();
+  const int64_t kept_rows = X.defined() ? X.size(0) : 0;
   const int64_t D = A.size(1);
   const at::Tensor tiles = at::empty({plan.chunks, plan.bm * plan.bn}, A.options());
   const at::Tensor parts = accumulate && plan.chunks > 1
                                ? at::empty({plan.chunks - 1, plan.bm, D}, A.options())
                                : at::Tensor();
-  const scalar_t* const x0 = kept ? X.data_ptr<scalar_t>() : nullptr;
+  const scalar_t* const x0 = kept_rows > 0 ? X.data_ptr<scalar_t>() : nullptr;
   for (int64_t r0 = 0; r0 < plan.rows; r0 += plan.bm) {
     const int64_t bm = plan.row_len(r0);
+    const bool kept = r0 < kept_rows;
     const at::Tensor A_blk = A.narrow(0, r0, bm);
     parallel_chunks(plan, [&](int64_t t) {
       at::Tensor part = !accumulate ? at::Tensor()

@@ -3,8 +3,8 @@
 ``mmkernels._C`` registers three CPU kernels in the ``mmkernels`` namespace (schemas in
 ``csrc/contrastive/infonce.cpp`` and ``siglip.cpp``):
 
-  infonce_lse(image, text, scale, bias?, offset, keep)
-      -> row_lse_off (M,), col_lse_off (N,), diag (M,), tiles ((M, N) with keep, else (0,))
+  infonce_lse(image, text, scale, bias?, offset, keep_rows)
+      -> row_lse_off (M,), col_lse_off (N,), diag (M,), tiles ((keep_rows, max(M, N)), or (0,))
   infonce_grad(image, text, scale, bias?, row_lse, col_lse, row_w, col_w, offset, tiles)
       -> A_I (M, D), A_T (N, D), psum ()
   siglip_pass(image, text, scale, bias?, diag_offset, want_grad)
@@ -12,10 +12,11 @@
 
 The positive pairs are (i, i + offset) (any integer; positives outside the matrix are absent).
 ``infonce_lse`` leaves them out of its log-sum-exps and reports their logits; ``infonce_grad``
-gives them zero weight. The tiles kept by ``infonce_lse(keep=True)`` are only read by
-``infonce_grad``, never modified, so a graph kept with ``retain_graph=True`` may run its
-backward again. When M > N the kernels work on the transposed problem, and the kept logits
-are the transposed view of an (N, M) contiguous buffer (the fake gives the same strides).
+gives them zero weight. When M > N the kernels work on the transposed problem; the "kernel
+frame" is X when M ≤ N and Xᵀ otherwise, with min(M, N) rows. ``infonce_lse`` keeps the first
+``keep_rows`` rows of the kernel-frame logits (0, all, or a multiple of 256, the row block:
+see ``infonce.kept_rows``), and ``infonce_grad`` reads those rows and recomputes the rest. It never
+modifies them, so a graph kept with ``retain_graph=True`` may run its backward again.
 Kept logits of 4 MiB or more are written into the one buffer the extension holds between
 calls (csrc/common/alloc.h), which a later call reuses once no tensor references it;
 ``mmkernels.empty_cache()`` frees it.
@@ -47,24 +48,23 @@ def _check_features(image, text):
     return compute_dtype(image.dtype)
 
 
-def _infonce_lse_fake(image, text, scale, bias, offset, keep):
+def _infonce_lse_fake(image, text, scale, bias, offset, keep_rows):
     dtype = _check_features(image, text)
     m, n = image.shape[0], text.shape[0]
-    if not keep:
-        tiles = image.new_empty((0,), dtype=dtype)
-    elif m > n:  # swap_sides (csrc/contrastive/tiles.h): X is stored transposed
-        tiles = image.new_empty((n, m), dtype=dtype).t()
-    else:
-        tiles = image.new_empty((m, n), dtype=dtype)
+    rows, cols = min(m, n), max(m, n)  # the kernel frame (swap_sides in csrc/contrastive/tiles.h)
+    torch._check(0 <= keep_rows <= rows,
+                 lambda: f"keep_rows must be in [0, {rows}], got {keep_rows}")
+    tiles = image.new_empty((keep_rows, cols) if keep_rows else (0,), dtype=dtype)
     return (image.new_empty((m,), dtype=dtype), image.new_empty((n,), dtype=dtype),
             image.new_empty((m,), dtype=dtype), tiles)
 
 
 def _infonce_grad_fake(image, text, scale, bias, row_lse, col_lse, row_w, col_w, offset, tiles):
     dtype = _check_features(image, text)
+    rows, cols = min(image.shape[0], text.shape[0]), max(image.shape[0], text.shape[0])
     torch._check(tiles.numel() == 0 and tiles.dim() == 1
-                 or tuple(tiles.shape) == (image.shape[0], text.shape[0]),
-                 lambda: f"tiles must be empty or of shape ({image.shape[0]}, {text.shape[0]}), "
+                 or tiles.dim() == 2 and 0 < tiles.shape[0] <= rows and tiles.shape[1] == cols,
+                 lambda: f"tiles must be empty or of shape (K, {cols}) with K <= {rows}, "
                          f"got {tuple(tiles.shape)}")
     return (image.new_empty(image.shape, dtype=dtype),
             image.new_empty(text.shape, dtype=dtype),
@@ -95,8 +95,8 @@ class CppPrimitives:
     """The tile primitives (see primitives.py) on the C++ kernels. Needs the extension."""
 
     @staticmethod
-    def lse(i, t, scale, bias, offset, keep):
-        return torch.ops.mmkernels.infonce_lse(i, t, scale, bias, offset, keep)
+    def lse(i, t, scale, bias, offset, keep_rows):
+        return torch.ops.mmkernels.infonce_lse(i, t, scale, bias, offset, keep_rows)
 
     @staticmethod
     def grad(i, t, scale, bias, row_lse, col_lse, row_w, col_w, offset, tiles):

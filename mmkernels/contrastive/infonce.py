@@ -34,21 +34,30 @@ OP = "infonce_loss"
 DISPATCH = _dispatch.Op(OP, (Impl("reference"), Impl("cpu"), Impl("triton", TRITON_DTYPES)))
 
 
-#: Below this many bytes of logits (B² in the compute dtype: B = 8192 in fp32) the C++ backend
-#: keeps the forward's logit tiles for the backward instead of recomputing them: 6·B²·D FLOPs
-#: instead of 8·B²·D, for one B×B buffer (the eager formula holds about four).
+#: The C++ backend keeps up to this many bytes of the forward's logits for the backward instead
+#: of recomputing them: 6·B²·D FLOPs for the kept rows instead of 8·B²·D. Up to B = 8192 in
+#: fp32 that is all of them, one B×B buffer (the eager formula holds about four); above, whole
+#: 256-row blocks within the budget (a quarter of the rows at B = 16384), the rest recomputed.
 KEEP_LOGITS_BYTES = 256 * 2**20
+#: Rows per row block of the C++ kernels (kRowBlock in csrc/contrastive/tiles.h): a partial
+#: keep covers a whole number of them (the kernels check it).
+KEEP_ROW_BLOCK = 256
 
 
-def keep_logits(backend: str, m: int, n: int, dtype: torch.dtype, want_grad: bool) -> bool:
-    """Whether the forward keeps its logits for the backward (C++ backend, small B only)."""
-    itemsize = torch.finfo(_validate.compute_dtype(dtype)).bits // 8
-    return want_grad and backend == "cpu" and m * n * itemsize <= KEEP_LOGITS_BYTES
+def kept_rows(backend: str, m: int, n: int, dtype: torch.dtype, want_grad: bool) -> int:
+    """How many rows of logits the forward keeps for the backward: the C++ backend's kernel
+    frame has min(m, n) rows of max(m, n) logits; all of them when they fit the budget, else
+    as many whole row blocks as fit (the Triton kernels recompute)."""
+    if not want_grad or backend != "cpu" or min(m, n) == 0:
+        return 0
+    rows, row_bytes = min(m, n), max(m, n) * torch.finfo(_validate.compute_dtype(dtype)).bits // 8
+    fit = KEEP_LOGITS_BYTES // row_bytes
+    return rows if fit >= rows else fit // KEEP_ROW_BLOCK * KEEP_ROW_BLOCK
 
 
-def _forward(prims, comm: Comm, image, text, scale, bias, eps, keep=False):
+def _forward(prims, comm: Comm, image, text, scale, bias, eps, keep_rows=0):
     """Per-pair losses (b,), the row LSE (b,) and column LSE over the global batch (n,), each
-    pair's excesses r_i − X_ii and c_i − X_ii (b, 2), and the kept logits (or empty).
+    pair's excesses r_i − X_ii and c_i − X_ii (b, 2), and the kept rows of logits (or empty).
 
     The primitive leaves the positive pair out of its sums and reports its logit X_ii as the
     tile computed it, so r_i − X_ii = softplus(lse_off_i − X_ii) is formed without
@@ -59,7 +68,8 @@ def _forward(prims, comm: Comm, image, text, scale, bias, eps, keep=False):
     text_all = comm.all_gather(text)
     b, n = image.shape[0], text_all.shape[0]
     offset = comm.rank * b
-    row_off, col_off_part, diag, tiles = prims.lse(image, text_all, scale, bias, offset, keep)
+    row_off, col_off_part, diag, tiles = prims.lse(image, text_all, scale, bias, offset,
+                                                   keep_rows)
     row_off, diag = row_off.to(acc), diag.to(acc)
     # Each rank saw only its own rows: combine the column partials (disjoint sums) globally.
     col_off = comm.logsumexp_across(col_off_part.to(acc))
@@ -144,21 +154,22 @@ def _backward(prims, comm: Comm, grad, image, text, scale, bias, row_lse, col_ls
 @torch.library.custom_op("mmkernels::infonce_fwd", mutates_args=())
 def infonce_fwd(image: Tensor, text: Tensor, scale: Tensor, bias: Optional[Tensor],
                 label_smoothing: float, backend: str,
-                keep_logits: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                keep_rows: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Per-pair losses, row and column LSE (B,), the pairs' excesses (B, 2) (float32/float64),
-    the logits (B, B) when ``keep_logits`` (else empty), and whether fp32 products ran on TF32
-    (a 0-dim bool CPU tensor, handed to the backward so that both agree)."""
+    the first ``keep_rows`` rows of the logits (keep_rows, B) (empty when 0; see
+    ``kept_rows``), and whether fp32 products ran on TF32 (a 0-dim bool CPU tensor, handed to
+    the backward so that both agree)."""
     tf32 = _dispatch.uses_tf32(backend, image.dtype)
     out = _forward(primitives(backend, tf32), LOCAL, image, text, scale, bias, label_smoothing,
-                   keep_logits)
+                   keep_rows)
     return (*out, torch.tensor(tf32))
 
 
 @infonce_fwd.register_fake
-def _(image, text, scale, bias, label_smoothing, backend, keep_logits):
+def _(image, text, scale, bias, label_smoothing, backend, keep_rows):
     acc = _validate.compute_dtype(image.dtype)
     b = image.shape[0]
-    tiles = image.new_empty((b, b) if keep_logits else (0,), dtype=acc)
+    tiles = image.new_empty((keep_rows, b) if keep_rows else (0,), dtype=acc)
     return (*(image.new_empty(b, dtype=acc) for _ in range(3)), image.new_empty(b, 2, dtype=acc),
             tiles, torch.empty((), dtype=torch.bool))
 
@@ -184,7 +195,7 @@ def _(grad, image, text, scale, bias, row_lse, col_lse, excess, logits, label_sm
 
 
 def _setup_context(ctx, inputs, output):
-    image, text, scale, bias, label_smoothing, backend, keep_logits = inputs
+    image, text, scale, bias, label_smoothing, backend, keep_rows = inputs
     ctx.save_for_backward(image, text, scale, bias, *output[1:])
     # Only the loss output is differentiated: without this autograd would build a zero B×B
     # gradient for the kept logits on every backward.
@@ -320,8 +331,8 @@ def infonce_loss(image_features: Tensor, text_features: Tensor, logit_scale,
         want_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad
             for t in (image_features, text_features, scale, bias))
-        keep = keep_logits(name, image_features.shape[0], text_features.shape[0],
-                           image_features.dtype, want_grad)
+        keep = kept_rows(name, image_features.shape[0], text_features.shape[0],
+                         image_features.dtype, want_grad)
         per_pair = infonce_fwd(image_features, text_features, scale, bias, eps, name, keep)[0]
     else:
         tf32 = _dispatch.uses_tf32(name, image_features.dtype)

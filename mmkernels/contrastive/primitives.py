@@ -7,12 +7,13 @@ reductions, collectives) is O(B·D) PyTorch shared by all backends in infonce.py
 The positive of row i is column i + offset (rank·b in a distributed batch; absent when out of
 range).
 
-  lse(I, T, s, b, offset, keep)
+  lse(I, T, s, b, offset, keep_rows)
       -> LSE_{j≠i+offset} X_ij (M,), LSE_{i: i+offset≠j} X_ij (N,), X_{i,i+offset} (M,) as the
-         tile computed it (−inf where absent), and X itself when ``keep`` (else empty)
+         tile computed it (−inf where absent), and the first ``keep_rows`` rows of X (of Xᵀ
+         when M > N) for ``grad`` (empty when 0; C++ only, see cpu.py)
   grad(I, T, s, b, r, c, w_r, w_c, offset, tiles)  -> A_I = P·T, A_T = Pᵀ·I, ΣP
       with P_ij = w_r[i]·exp(X_ij − r_i) + w_c[j]·exp(X_ij − c_j) off the positives, 0 on them
-      (the host adds the positives' terms without cancellation); X read from ``tiles`` if kept
+      (the host adds the positives' terms without cancellation); kept rows read from ``tiles``
   siglip_pass(I, T, s, b, offset, want_grad)  -> Σ softplus(−z·X), A_I = G·T, A_T = Gᵀ·I, ΣG
       with z_ij = +1 iff j = i + offset, G = ∂/∂X of the loss sum
 
@@ -28,12 +29,12 @@ class TritonPrimitives:
 
     ``grad`` and ``siglip_pass`` take the atomic path (each tile computed once, gradient rows
     added with fp32 atomics) unless torch's deterministic mode is on; ``lse`` is always
-    deterministic. Logits are never kept: ``keep`` is ignored and ``tiles`` is empty."""
+    deterministic. Logits are never kept: ``keep_rows`` is ignored and ``tiles`` is empty."""
 
     def __init__(self, tf32: bool):
         self.tf32 = tf32
 
-    def lse(self, i, t, scale, bias, offset, keep):
+    def lse(self, i, t, scale, bias, offset, keep_rows):
         from .infonce_triton import infonce_lse
         return (*infonce_lse(i, t, scale, bias, offset, self.tf32), i.new_empty(0))
 

@@ -38,18 +38,23 @@ class DensePrimitives:
         return rows[keep], rows[keep] + offset
 
     @classmethod
-    def lse(cls, i, t, scale, bias, offset, keep):
+    def lse(cls, i, t, scale, bias, offset, keep_rows):
         x = cls._x(i, t, scale, bias)
         rows, cols = cls._positives(x, offset)
         diag = torch.full((x.shape[0],), float("-inf"), dtype=x.dtype)
         diag[rows] = x[rows, cols]
         off = x.clone()
         off[rows, cols] = float("-inf")
-        return off.logsumexp(1), off.logsumexp(0), diag, x if keep else x.new_empty(0)
+        # The kept rows, as the C++ kernels keep them (rows of X when M <= N, the only case the
+        # host math uses).
+        assert keep_rows == 0 or x.shape[0] <= x.shape[1]
+        return off.logsumexp(1), off.logsumexp(0), diag, x[:keep_rows] if keep_rows else x[:0, 0]
 
     @classmethod
     def grad(cls, i, t, scale, bias, row_lse, col_lse, row_w, col_w, offset, tiles):
-        x = tiles if tiles.numel() else cls._x(i, t, scale, bias)
+        x = cls._x(i, t, scale, bias)
+        if tiles.numel():
+            x[:tiles.shape[0]] = tiles  # the kept rows, as kept
         p = row_w.double()[:, None] * (x - row_lse.double()[:, None]).exp() \
             + col_w.double()[None, :] * (x - col_lse.double()[None, :]).exp()
         p[cls._positives(x, offset)] = 0.0

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import mmkernels
 from mmkernels import _cpp
-from mmkernels.contrastive import reference
+from mmkernels.contrastive import infonce, reference
 from oracle import FP32_RTOL, FP64_RTOL, assert_close, strided_copy, transposed_copy
 
 pytestmark = pytest.mark.skipif(_cpp.load() is None,
@@ -104,9 +104,23 @@ def opcheck(op, args):
     assert all(v == "SUCCESS" for v in result.values()), result
 
 
-KEEP = [pytest.param(False, id="recompute"), pytest.param(True, id="keep")]
-# (M, N, offset): both side orders (the kernels swap sides when M > N, and the kept logits are
-# then a transposed view), offsets inside and outside the matrix.
+# How many rows of logits the forward keeps: none, all (min(M, N): the kernel frame), or one
+# 256-row block (shapes with more rows only), the others recomputed.
+KEEP = [pytest.param("recompute", id="recompute"), pytest.param("all", id="keep")]
+KEEP_PARTIAL = KEEP + [pytest.param("partial", id="keep-partial")]
+
+
+def keep_rows(keep, m, n):
+    return {"recompute": 0, "all": min(m, n), "partial": 256}[keep]
+
+
+def kernel_frame(x):
+    """The logits as the kernels lay them out: X when M <= N, Xᵀ when M > N."""
+    return x.T if x.shape[0] > x.shape[1] else x
+
+
+# (M, N, offset): both side orders (the kernels swap sides when M > N, and keep rows of Xᵀ
+# then), offsets inside and outside the matrix.
 OP_SHAPES = [pytest.param((7, 9, 0), id="7x9+0"), pytest.param((9, 7, -2), id="9x7-2"),
              pytest.param((9, 7, 20), id="9x7+20")]
 
@@ -120,7 +134,7 @@ def test_opcheck_infonce_lse(dtype, with_bias, layout, shape, keep):
     m, n, offset = shape
     i, t = features(m, n, 5, dtype, layout, requires_grad=True)
     scale, bias = scalars(with_bias, requires_grad=True)
-    opcheck(OPS.infonce_lse.default, (i, t, scale, bias, offset, keep))
+    opcheck(OPS.infonce_lse.default, (i, t, scale, bias, offset, keep_rows(keep, m, n)))
 
 
 @pytest.mark.parametrize("keep", KEEP)
@@ -132,7 +146,8 @@ def test_opcheck_infonce_grad(dtype, with_bias, layout, shape, keep):
     m, n, offset = shape
     i, t = features(m, n, 5, dtype, layout, requires_grad=True)
     scale, bias = scalars(with_bias, requires_grad=True)
-    row_off, col_off, diag, tiles = OPS.infonce_lse(i, t, scale, bias, offset, keep)
+    row_off, col_off, diag, tiles = OPS.infonce_lse(i, t, scale, bias, offset,
+                                                    keep_rows(keep, m, n))
     cd = compute_dtype(dtype)
     row_w = LAYOUTS[layout](torch.rand(m, 1, dtype=cd))[:, 0]  # a strided vector for "transposed"
     col_w = torch.rand(n, dtype=cd)
@@ -159,7 +174,8 @@ def test_register_fakes_is_idempotent():
 def test_ops_compile_fullgraph(keep):
     """The fakes carry the ops through torch.compile with dynamic shapes, no graph break."""
     def f(i, t, scale, bias):
-        row_off, col_off, diag, tiles = CppPrimitives.lse(i, t, scale, bias, 1, keep)
+        row_off, col_off, diag, tiles = CppPrimitives.lse(
+            i, t, scale, bias, 1, keep_rows(keep, i.shape[0], t.shape[0]))
         a_i, a_t, psum = CppPrimitives.grad(i, t, scale, bias, row_off, col_off,
                                             torch.ones_like(row_off), torch.ones_like(col_off),
                                             1, tiles)
@@ -216,16 +232,21 @@ def check_lse(outs, refs, dtype, what, magnitude):
 def lse_and_grad(i, t, scale, bias, offset, keep, dtype):
     """Both ops against the dense formulas; returns the kernels' lse outputs."""
     m, n = i.shape[0], t.shape[0]
-    outs = CppPrimitives.lse(i, t, scale, bias, offset, keep)
+    k = keep_rows(keep, m, n)
+    outs = CppPrimitives.lse(i, t, scale, bias, offset, k)
     refs = dense_lse(i, t, scale, bias, offset)
     check_lse(outs[:3], refs[:3], dtype, "infonce_lse", refs[3].abs().max().item())
     tiles = outs[3]
-    if keep:
-        assert tiles.shape == (m, n) and tiles.dtype == compute_dtype(dtype)
-        assert_close(tiles, refs[3], rtol_for(dtype), "tiles")
+    if k:
+        assert tiles.shape == (k, max(m, n)) and tiles.dtype == compute_dtype(dtype)
+        assert tiles.is_contiguous()
+        assert_close(tiles, kernel_frame(refs[3])[:k], rtol_for(dtype), "tiles")
         # The positives' logits are the kept tiles' values, bit for bit.
         rows, cols = positives(m, n, offset)
-        assert torch.equal(tiles[rows, cols], outs[2][rows])
+        kept = (rows if m <= n else cols) < k
+        x = torch.full((m, n), float("nan"), dtype=tiles.dtype)
+        kernel_frame(x)[:k] = tiles
+        assert torch.equal(x[rows[kept], cols[kept]], outs[2][rows[kept]])
     else:
         assert tiles.shape == (0,)
     # The backward takes the full LSEs (the host adds the positives back).
@@ -272,14 +293,15 @@ def test_infonce_single_rows(dtype, shape, offset, keep):
     lse_and_grad(i, t, scale, bias, offset, keep, dtype)
 
 
-@pytest.mark.parametrize("keep", KEEP)
+@pytest.mark.parametrize("keep", KEEP_PARTIAL)
 @pytest.mark.parametrize("shape,offset", [
     pytest.param((300, 700), 0, id="300x700+0"), pytest.param((300, 700), 257, id="300x700+257"),
     pytest.param((700, 300), -300, id="700x300-300"), pytest.param((700, 300), 5, id="700x300+5"),
     pytest.param((600, 600), -1, id="600x600-1")])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_infonce_many_tiles(dtype, shape, offset, keep):
-    """Several row blocks and column blocks (and chunks), positives crossing tile borders."""
+    """Several row blocks and column blocks (and chunks), positives crossing tile borders; a
+    partial keep reads its first row block and recomputes the others."""
     i, t = features(*shape, 16, dtype)
     scale, bias = scalars(True)
     lse_and_grad(i, t, scale, bias, offset, keep, dtype)
@@ -297,20 +319,52 @@ def test_infonce_confident_pairs(keep):
 
 
 def test_grad_accepts_tiles_of_any_layout():
-    """Logits passed in a layout infonce_lse does not produce (contiguous (M, N) with M > N)
-    give the same result as the kept ones."""
+    """Kept logits passed in a layout infonce_lse does not produce (column-major) give the
+    same result as the kept ones, and as recomputing them."""
     i, t = features(9, 7, 5, torch.float64)
     scale, bias = scalars(True)
-    row_off, col_off, diag, kept = CppPrimitives.lse(i, t, scale, bias, 1, True)
-    assert kept.stride() == (1, 9)  # swapped sides: X^T stored contiguously
+    row_off, col_off, diag, kept = CppPrimitives.lse(i, t, scale, bias, 1, 7)
+    assert kept.shape == (7, 9) and kept.is_contiguous()  # swapped sides: rows of X^T
     w_r, w_c = torch.rand(9, dtype=torch.float64), torch.rand(7, dtype=torch.float64)
     args = (i, t, scale, bias, row_off, col_off, w_r, w_c, 1)
     a = CppPrimitives.grad(*args, kept)
-    b = CppPrimitives.grad(*args, kept.contiguous())
+    b = CppPrimitives.grad(*args, transposed_copy(kept))
     c = CppPrimitives.grad(*args, kept.new_empty(0))
     for x, y, z in zip(a, b, c):
         torch.testing.assert_close(x, y, rtol=0, atol=0)
         torch.testing.assert_close(x, z, rtol=1e-12, atol=1e-12)
+
+
+def test_kept_rows_budget():
+    """All rows while the logits fit KEEP_LOGITS_BYTES, whole 256-row blocks beyond it."""
+    f32, f64 = torch.float32, torch.float64
+    assert infonce.kept_rows("cpu", 8192, 8192, f32, True) == 8192  # 256 MiB: all
+    assert infonce.kept_rows("cpu", 16384, 16384, f32, True) == 4096  # a quarter
+    assert infonce.kept_rows("cpu", 8193, 8193, f32, True) == 7936
+    assert infonce.kept_rows("cpu", 8192, 8192, torch.bfloat16, True) == 8192  # fp32 math
+    assert infonce.kept_rows("cpu", 8192, 8192, f64, True) == 4096
+    assert infonce.kept_rows("cpu", 10**6, 10**6, f32, True) == 0  # not one block fits
+    assert infonce.kept_rows("cpu", 64, 10**6, f32, True) == 64
+    assert infonce.kept_rows("cpu", 8192, 8192, f32, False) == 0  # no backward
+    assert infonce.kept_rows("triton", 64, 64, f32, True) == 0
+    assert infonce.kept_rows("cpu", 0, 64, f32, True) == 0
+
+
+def test_partial_keep_end_to_end(monkeypatch):
+    """A budget for one 256-row block of a 600-pair batch: the loss keeps those rows and
+    recomputes the others, and its value and gradients match the float64 formula."""
+    monkeypatch.setattr(infonce, "KEEP_LOGITS_BYTES", 300 * 600 * 4)
+    assert infonce.kept_rows("cpu", 600, 600, torch.float32, True) == 256
+    i, t = features(600, 600, 16, torch.float32, requires_grad=True)
+    scale = torch.tensor(12.0, requires_grad=True)
+    loss = mmkernels.infonce_loss(i, t, scale, backend="cpu")
+    loss.backward()
+    inputs = [x.detach().double().requires_grad_() for x in (i, t, scale)]
+    ref = reference.infonce_loss(*inputs, None).mean()
+    ref.backward()
+    assert_close(loss, ref.float(), FP32_RTOL, "loss")
+    for x, r, name in zip((i, t, scale), inputs, ("image", "text", "scale")):
+        assert_close(x.grad, r.grad.float(), FP32_RTOL, f"d_{name}")
 
 
 # (1100 x 1100 fp32: 4.6 MiB, over the 4 MiB from which the extension holds the buffer.)
@@ -324,20 +378,20 @@ def test_held_buffer_is_reused_only_when_free():
     mmkernels.empty_cache()
     scale, bias = scalars(True)
     i, t = features(HELD, HELD, 8, torch.float32)
-    first = CppPrimitives.lse(i, t, scale, bias, 0, True)[3]
+    first = CppPrimitives.lse(i, t, scale, bias, 0, HELD)[3]
     held, snapshot = first.data_ptr(), first.clone()
     view = first[1:]
     del first
     i2, t2 = features(HELD, HELD, 8, torch.float32)
-    busy = CppPrimitives.lse(i2, t2, scale, bias, 0, True)[3]  # a view still uses the buffer
+    busy = CppPrimitives.lse(i2, t2, scale, bias, 0, HELD)[3]  # a view still uses the buffer
     assert busy.data_ptr() != held
     assert torch.equal(view, snapshot[1:])
     del view
-    again = CppPrimitives.lse(i2, t2, scale, bias, 0, True)[3]
+    again = CppPrimitives.lse(i2, t2, scale, bias, 0, HELD)[3]
     assert again.data_ptr() == held and torch.equal(again, busy)
     del again
     # Another size replaces the held buffer.
-    other = CppPrimitives.lse(i[:-1], t, scale, bias, 0, True)[3]
+    other = CppPrimitives.lse(i[:-1], t, scale, bias, 0, HELD - 1)[3]
     assert other.shape == (HELD - 1, HELD)
     assert_close(other, dense_logits(i[:-1], t, scale, bias), FP32_RTOL, "tiles")
     del other
@@ -384,7 +438,7 @@ def test_nan_in_nan_out(keep):
     i, t = features(6, 8, 4, torch.float32)
     scale, bias = scalars(False)
     i[2, 1] = float("nan")
-    row_off, col_off, diag, tiles = CppPrimitives.lse(i, t, scale, bias, 0, keep)
+    row_off, col_off, diag, tiles = CppPrimitives.lse(i, t, scale, bias, 0, keep_rows(keep, 6, 8))
     assert row_off[2].isnan() and diag[2].isnan()
     assert not row_off[[0, 1, 3, 4, 5]].isnan().any()
     others = torch.tensor([j for j in range(8) if j != 2])  # column 2 holds row 2's positive
@@ -394,7 +448,7 @@ def test_nan_in_nan_out(keep):
                                         ones_r, ones_c, 0, tiles)
     assert a_i[2].isnan().all() and a_t[others].isnan().all() and psum.isnan()
     # A NaN scale poisons everything.
-    outs = CppPrimitives.lse(i, t, torch.tensor(float("nan")), None, 0, keep)
+    outs = CppPrimitives.lse(i, t, torch.tensor(float("nan")), None, 0, keep_rows(keep, 6, 8))
     assert all(o.isnan().all() for o in outs[:3])
 
 
@@ -424,10 +478,10 @@ def test_siglip_pass_matches_dense(shape, dtype, with_bias, offset, want_grad):
 def test_empty_sides(keep):
     i, t = features(0, 4, 3, torch.float32)
     scale, bias = scalars(True)
-    row_off, col_off, diag, tiles = OPS.infonce_lse(i, t, scale, bias, 0, keep)
+    row_off, col_off, diag, tiles = OPS.infonce_lse(i, t, scale, bias, 0, keep_rows(keep, 0, 4))
     assert row_off.shape == (0,) and diag.shape == (0,)
     assert torch.equal(col_off, torch.full((4,), -float("inf")))
-    assert tiles.shape == ((0, 4) if keep else (0,))
+    assert tiles.shape == (0,)  # min(M, N) = 0 rows: nothing to keep
     a_i, a_t, psum = OPS.infonce_grad(i, t, scale, bias, row_off, torch.zeros(4), row_off,
                                       torch.ones(4), 0, tiles)
     assert a_i.shape == (0, 3) and torch.equal(a_t, torch.zeros(4, 3)) and psum.item() == 0
@@ -445,11 +499,11 @@ def _bad_calls():
     r, c, rw, cw = torch.zeros(4), torch.zeros(5), torch.ones(4), torch.ones(5)
     e = torch.empty(0)
     return {
-        "1-D features": lambda: OPS.infonce_lse(i[0], t, s, None, 0, False),
-        "feature size": lambda: OPS.infonce_lse(i, torch.randn(5, 2), s, None, 0, True),
+        "1-D features": lambda: OPS.infonce_lse(i[0], t, s, None, 0, 0),
+        "feature size": lambda: OPS.infonce_lse(i, torch.randn(5, 2), s, None, 0, 4),
         "dtype mismatch": lambda: OPS.siglip_pass(i, t.double(), s, None, 0, True),
-        "integer features": lambda: OPS.infonce_lse(i.long(), t.long(), s, None, 0, False),
-        "scale not scalar": lambda: OPS.infonce_lse(i, t, torch.ones(2), None, 0, False),
+        "integer features": lambda: OPS.infonce_lse(i.long(), t.long(), s, None, 0, 0),
+        "scale not scalar": lambda: OPS.infonce_lse(i, t, torch.ones(2), None, 0, 0),
         "empty bias": lambda: OPS.siglip_pass(i, t, s, torch.ones(0), 0, False),
         "row_lse length": lambda: OPS.infonce_grad(i, t, s, None, c, c, rw, cw, 0, e),
         "col_w 2-D": lambda: OPS.infonce_grad(i, t, s, None, r, c, rw, cw[None], 0, e),
@@ -461,12 +515,21 @@ def _bad_calls():
                                                 torch.zeros(4, 5, dtype=torch.float64)),
         "tiles integer": lambda: OPS.infonce_grad(i, t, s, None, r, c, rw, cw, 0,
                                                   torch.zeros(4, 5, dtype=torch.int32)),
+        "tiles rows": lambda: OPS.infonce_grad(i, t, s, None, r, c, rw, cw, 0, torch.zeros(3, 5)),
+        "tiles too many rows": lambda: OPS.infonce_grad(i, t, s, None, r, c, rw, cw, 0,
+                                                        torch.zeros(5, 5)),
+        "keep_rows negative": lambda: OPS.infonce_lse(i, t, s, None, 0, -1),
+        "keep_rows too many": lambda: OPS.infonce_lse(i, t, s, None, 0, 5),
+        "keep_rows partial block": lambda: OPS.infonce_lse(torch.randn(300, 3), torch.randn(700, 3),
+                                                           s, None, 0, 100),
     }
 
 
 BAD_CALLS = ["1-D features", "feature size", "dtype mismatch", "integer features",
              "scale not scalar", "empty bias", "row_lse length", "col_w 2-D", "integer weights",
-             "tiles shape", "tiles 0x0", "tiles 1-D", "tiles dtype", "tiles integer"]
+             "tiles shape", "tiles 0x0", "tiles 1-D", "tiles dtype", "tiles integer", "tiles rows",
+             "tiles too many rows", "keep_rows negative", "keep_rows too many",
+             "keep_rows partial block"]
 
 
 @pytest.mark.parametrize("case", BAD_CALLS)
@@ -480,7 +543,7 @@ def test_extreme_offsets():
     i, t = features(5, 6, 3, torch.float64)
     scale, bias = scalars(False)
     for offset in (2**63 - 1, -2**63):
-        row_off, col_off, diag, tiles = OPS.infonce_lse(i, t, scale, bias, offset, True)
+        row_off, col_off, diag, tiles = OPS.infonce_lse(i, t, scale, bias, offset, 5)
         x = dense_logits(i, t, scale, bias)
         assert (diag == -float("inf")).all()
         torch.testing.assert_close(row_off, x.logsumexp(1))
