@@ -5,6 +5,8 @@ Triton on CUDA, C++ on CPU (the optional extension ``mmkernels._C``), and an eag
 reference that is both the test oracle and the fallback. Importing the package touches
 neither CUDA nor triton.
 """
+import torch
+
 from . import _cpp, lora, nn
 from ._dispatch import (BackendUnavailableError, available_backends, unavailable_reasons,
                         use_backend)
@@ -25,7 +27,7 @@ if _cpp.load() is not None:
     from .lora import cpu as _lora_cpu  # noqa: F401
 
 
-
+@torch.compiler.disable  # frees memory when called, never traced into a graph
 def empty_cache() -> None:
     """Free the memory the C++ kernels hold between calls.
 

@@ -1,9 +1,9 @@
 // Large scratch/result buffers on transparent huge pages.
 //
 // A fresh multi-MiB tensor from at::empty is mmap'ed by the allocator and page-faulted in
-// 4 KiB pages on first touch; for the B x B logits that InfoNCE keeps between its forward and
-// backward this fault-in cost is a visible share of the whole loss (measured on 2 Zen 4
-// cores, fp32: a fresh 64 MiB buffer costs ~21 ms to fill instead of ~3 ms for a touched
+// 4 KiB pages on first touch; for the logits that InfoNCE keeps between its forward and
+// backward (up to 256 MiB) this fault-in cost is a visible share of the whole loss (measured
+// on 2 Zen 4 cores, fp32: a fresh 64 MiB buffer costs ~21 ms to fill instead of ~3 ms for a touched
 // one, 256 MiB ~66 ms instead of ~10 ms; with 2 MiB pages ~6 ms and ~19 ms). Most Linux
 // systems run transparent huge pages in "madvise" mode, so the buffer has to ask for them:
 // it is allocated 2 MiB-aligned and marked MADV_HUGEPAGE. Elsewhere, or when that fails,
@@ -64,7 +64,9 @@ inline at::Tensor empty_huge_pages(int64_t rows, int64_t cols, const at::TensorO
 // (the kernel zeroes every new page). While the held buffer is in use (a graph kept with
 // retain_graph=True, two losses in one graph) the caller gets a fresh buffer that is not held.
 // The held buffer stays allocated between calls until release_cached_buffer()
-// (mmkernels.empty_cache()) or a call of another size replaces it; peak memory is unchanged.
+// (mmkernels.empty_cache()) or a call of another size replaces it. The loss's own peak is
+// unchanged, but the idle buffer counts toward whatever runs between calls (optimizer step,
+// evaluation).
 at::Tensor cached_huge_pages(int64_t rows, int64_t cols, const at::TensorOptions& options);
 
 // Frees the held buffer (its memory returns to the system once no tensor uses it).

@@ -45,8 +45,8 @@ MMK_INLINE T scale_max_run(T* x, T* tmax, int64_t n, T s, T b, T m) {
 // Pass 2 over a run of a tile row: sum of e^(X - off) along the row (returned) and
 // e^(X - tmax) added to the column sums tsum. With kKeep, X is also copied to `keep` (a row
 // of the kept logits): fusing the copy here costs one store per element, where having BLAS
-// write the tile into the strided M x N buffer directly was measured 15-50% slower than into
-// the contiguous scratch tile.
+// write the tile into the strided (K x cols) kept buffer directly was measured 15-50% slower
+// than into the contiguous scratch tile.
 template <bool kKeep, typename T>
 MMK_INLINE T exp_sum_run(const T* x, const T* tmax, T* tsum, int64_t n, T off, T* keep) {
   T acc = 0;
@@ -186,6 +186,8 @@ void lse_pass(const TilePlan& plan, const at::Tensor& A, const at::Tensor& B, T 
     // kernel column (row + off) when swapped.
     const int64_t dg = swap ? r0 + pos.off : r0;
     const bool kept = r0 < kept_rows;
+    // Whole row blocks only (check_keep_rows; bm == kRowBlock unless one block holds all rows).
+    TORCH_INTERNAL_ASSERT(!kept || r0 + bm <= kept_rows);
     parallel_chunks(plan, [&](int64_t t) {
       T* const rmax = row_max(t);
       T* const rsum = row_sum(t);

@@ -98,8 +98,9 @@ inline at::Tensor tile_logits(const at::Tensor& buf, const at::Tensor& A_blk, co
 // W (bm x bn, leading dimension bn, in a per-chunk buffer) from the tile's logits `src`
 // (leading dimension ld), its own row/column data, and whatever per-chunk scalars it
 // accumulates. The logits come from one of two places:
-//   - recomputed (X undefined, or a row block at or past K): S = A_blk B_blk^T is written into the chunk's buffer, so src
-//     holds the raw dot products, src == W and ld == bn (W may overwrite S in place);
+//   - recomputed (X undefined, or a row block at or past K): S = A_blk B_blk^T is written
+//     into the chunk's buffer, so src holds the raw dot products, src == W and ld == bn (W
+//     may overwrite S in place);
 //   - kept (X defined, (K x cols) contiguous: the forward's X = s A B^T + b for the first K
 //     rows, K a whole number of row blocks or all rows; the row blocks below K): src points
 //     into X, ld == cols. X is only read (it may be saved for another backward).
@@ -123,6 +124,7 @@ void weighted_pass(const TilePlan& plan, const at::Tensor& A, const at::Tensor& 
   for (int64_t r0 = 0; r0 < plan.rows; r0 += plan.bm) {
     const int64_t bm = plan.row_len(r0);
     const bool kept = r0 < kept_rows;
+    TORCH_INTERNAL_ASSERT(!kept || r0 + bm <= kept_rows, "a kept row block past the kept rows");
     const at::Tensor A_blk = A.narrow(0, r0, bm);
     parallel_chunks(plan, [&](int64_t t) {
       at::Tensor part = !accumulate ? at::Tensor()

@@ -54,6 +54,8 @@ def _infonce_lse_fake(image, text, scale, bias, offset, keep_rows):
     rows, cols = min(m, n), max(m, n)  # the kernel frame (swap_sides in csrc/contrastive/tiles.h)
     torch._check(0 <= keep_rows <= rows,
                  lambda: f"keep_rows must be in [0, {rows}], got {keep_rows}")
+    torch._check(keep_rows == rows or keep_rows % 256 == 0,  # whole row blocks (tiles.h)
+                 lambda: f"keep_rows must be {rows} or a multiple of 256, got {keep_rows}")
     tiles = image.new_empty((keep_rows, cols) if keep_rows else (0,), dtype=dtype)
     return (image.new_empty((m,), dtype=dtype), image.new_empty((n,), dtype=dtype),
             image.new_empty((m,), dtype=dtype), tiles)
@@ -63,9 +65,10 @@ def _infonce_grad_fake(image, text, scale, bias, row_lse, col_lse, row_w, col_w,
     dtype = _check_features(image, text)
     rows, cols = min(image.shape[0], text.shape[0]), max(image.shape[0], text.shape[0])
     torch._check(tiles.numel() == 0 and tiles.dim() == 1
-                 or tiles.dim() == 2 and 0 < tiles.shape[0] <= rows and tiles.shape[1] == cols,
-                 lambda: f"tiles must be empty or of shape (K, {cols}) with K <= {rows}, "
-                         f"got {tuple(tiles.shape)}")
+                 or tiles.dim() == 2 and 0 < tiles.shape[0] <= rows and tiles.shape[1] == cols
+                 and (tiles.shape[0] == rows or tiles.shape[0] % 256 == 0),
+                 lambda: f"tiles must be empty or of shape (K, {cols}) with K = {rows} or a "
+                         f"multiple of 256 below it, got {tuple(tiles.shape)}")
     return (image.new_empty(image.shape, dtype=dtype),
             image.new_empty(text.shape, dtype=dtype),
             image.new_empty((), dtype=dtype))

@@ -1,11 +1,13 @@
-"""CLIP InfoNCE loss without the B×B logits.
+"""CLIP InfoNCE loss without materializing the B×B logits (the C++ backend keeps up to
+``KEEP_LOGITS_BYTES`` of them for speed).
 
     logits X = s·I·Tᵀ + b,  row/column log-sum-exp r_i, c_j,  targets on the diagonal
     pair loss ℓ_i = ½[CE_row_i + CE_col_i],  CE_row_i = r_i − (1−ε)·X_ii − ε·mean_j X_ij
     dX_ij = ½g_i(e^{X_ij−r_i} − (1−ε)δ_ij − ε/n) + ½g_j(e^{X_ij−c_j} − (1−ε)δ_ij − ε/n)
 
 Only the softmax part of dX couples all pairs; it is what the backends' tile primitives
-compute (``lse`` forward, ``grad`` backward, 8·B²·D FLOPs in all with O(B·D) memory). The
+compute (``lse`` forward, ``grad`` backward, 8·B²·D FLOPs in all with O(B·D) memory, or
+6·B²·D for the rows whose logits the forward keeps). The
 diagonal and label-smoothing terms are rank-one corrections applied here in O(B·D), once for
 every backend.
 
@@ -169,7 +171,10 @@ def infonce_fwd(image: Tensor, text: Tensor, scale: Tensor, bias: Optional[Tenso
 def _(image, text, scale, bias, label_smoothing, backend, keep_rows):
     acc = _validate.compute_dtype(image.dtype)
     b = image.shape[0]
-    tiles = image.new_empty((keep_rows, b) if keep_rows else (0,), dtype=acc)
+    torch._check(0 <= keep_rows <= b, lambda: f"keep_rows must be in [0, {b}], got {keep_rows}")
+    # Only the C++ primitives keep logits (primitives.py).
+    kept = keep_rows if backend == "cpu" else 0
+    tiles = image.new_empty((kept, b) if kept else (0,), dtype=acc)
     return (*(image.new_empty(b, dtype=acc) for _ in range(3)), image.new_empty(b, 2, dtype=acc),
             tiles, torch.empty((), dtype=torch.bool))
 

@@ -14,7 +14,7 @@ def _distributed(world_size: int) -> Optional[bool]:
 
 
 class ClipLoss(nn.Module):
-    """open_clip.loss.ClipLoss computed without the B×B logits.
+    """open_clip.loss.ClipLoss computed without materializing the B×B logits.
 
     With ``world_size > 1`` (torch.distributed initialised) ``local_loss`` and
     ``gather_with_grad`` mean what they mean in open_clip, for the returned loss and for the

@@ -155,6 +155,34 @@ def test_opcheck_infonce_grad(dtype, with_bias, layout, shape, keep):
             (i, t, scale, bias, row_off, col_off, row_w, col_w, offset, tiles))
 
 
+@pytest.mark.parametrize("shape", [pytest.param((300, 520, 5), id="300x520+5"),
+                                   pytest.param((520, 300, -3), id="520x300-3")])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_opcheck_partial_keep(dtype, shape):
+    """One kept 256-row block of two (both side orders) through opcheck, both ops."""
+    m, n, offset = shape
+    i, t = features(m, n, 5, dtype, "transposed", requires_grad=True)
+    scale, bias = scalars(True, requires_grad=True)
+    opcheck(OPS.infonce_lse.default, (i, t, scale, bias, offset, 256))
+    row_off, col_off, diag, tiles = OPS.infonce_lse(i, t, scale, bias, offset, 256)
+    assert tiles.shape == (256, max(m, n))
+    cd = compute_dtype(dtype)
+    opcheck(OPS.infonce_grad.default, (i, t, scale, bias, row_off, col_off,
+                                       torch.rand(m, dtype=cd), torch.rand(n, dtype=cd), offset,
+                                       tiles))
+
+
+def test_keep_row_block_matches_the_kernels():
+    """The host's KEEP_ROW_BLOCK is the kernels' row block: they accept a multiple of it as a
+    partial keep and refuse half of it."""
+    k = infonce.KEEP_ROW_BLOCK
+    i, t = features(k + 1, k + 9, 4, torch.float32)
+    scale, bias = scalars(False)
+    assert OPS.infonce_lse(i, t, scale, bias, 0, k)[3].shape == (k, k + 9)
+    with pytest.raises(RuntimeError, match="multiple of"):
+        OPS.infonce_lse(i, t, scale, bias, 0, k // 2)
+
+
 @pytest.mark.parametrize("want_grad", [pytest.param(True, id="grad"),
                                        pytest.param(False, id="nograd")])
 @pytest.mark.parametrize("layout", LAYOUT)
@@ -188,6 +216,22 @@ def test_ops_compile_fullgraph(keep):
         i, t = features(m, n, 5, torch.float32)
         scale, bias = scalars(True)
         torch.testing.assert_close(compiled(i, t, scale, bias), f(i, t, scale, bias))
+
+
+def test_ops_compile_partial_keep():
+    """A partial keep (one 256-row block) through torch.compile with dynamic shapes."""
+    def f(i, t, scale):
+        row_off, col_off, diag, tiles = CppPrimitives.lse(i, t, scale, None, 0, 256)
+        a_i, a_t, psum = CppPrimitives.grad(i, t, scale, None, row_off, col_off,
+                                            torch.ones_like(row_off), torch.ones_like(col_off),
+                                            0, tiles)
+        return tiles.sum() + a_i.sum() + a_t.sum() + psum
+
+    compiled = torch.compile(f, fullgraph=True, dynamic=True, backend="aot_eager")
+    for m, n in ((300, 520), (530, 290)):
+        i, t = features(m, n, 5, torch.float32)
+        scale, _ = scalars(False)
+        torch.testing.assert_close(compiled(i, t, scale), f(i, t, scale))
 
 
 # ---------------------------------------------------------------------------------------
@@ -390,6 +434,11 @@ def test_held_buffer_is_reused_only_when_free():
     again = CppPrimitives.lse(i2, t2, scale, bias, 0, HELD)[3]
     assert again.data_ptr() == held and torch.equal(again, busy)
     del again
+    # A partial keep of a swapped call (rows of X^T) is held the same way.
+    part = CppPrimitives.lse(t2[:HELD - 1], i2[:512], scale, bias, 0, 512)[3]
+    assert part.shape == (512, HELD - 1)
+    assert_close(part, dense_logits(t2[:HELD - 1], i2[:512], scale, bias).T, FP32_RTOL, "tiles")
+    del part
     # Another size replaces the held buffer.
     other = CppPrimitives.lse(i[:-1], t, scale, bias, 0, HELD - 1)[3]
     assert other.shape == (HELD - 1, HELD)
