@@ -351,6 +351,26 @@ def test_infonce_many_tiles(dtype, shape, offset, keep):
     lse_and_grad(i, t, scale, bias, offset, keep, dtype)
 
 
+@pytest.mark.parametrize("order", ["sorted", "shuffled"])
+@pytest.mark.parametrize("top", [2.0, 4.9, 5.1, 12.0])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_infonce_offsets_spread(dtype, top, order):
+    """Row norms from 0.05 to ``top`` at scale 10 spread the tiles' row and column offsets
+    (maxima, LSEs) from a few units to ~100: the kernels evaluate one exponential per logit
+    where a tile's offsets lie within kWindow (40) of each other and two elsewhere; both, and
+    tiles on either side of the bound, must match the dense formulas."""
+    m, n = 600, 700
+    i, t = features(m, n, 16, dtype)
+    norms = torch.linspace(0.05, top, m, dtype=torch.float64)
+    if order == "shuffled":
+        norms = norms[torch.randperm(m)]
+    i = (i.double() * norms[:, None]).to(dtype)
+    scale = torch.tensor(10.0)
+    for keep in ("recompute", "all"):
+        lse_and_grad(i, t, scale, None, 3, keep, dtype)
+        lse_and_grad(t, i, scale, None, -3, keep, dtype)  # swapped sides
+
+
 @pytest.mark.parametrize("keep", KEEP)
 def test_infonce_confident_pairs(keep):
     """Aligned pairs with a large scale: the positives dominate every row and column, yet the
