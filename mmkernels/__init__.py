@@ -27,15 +27,21 @@ if _cpp.load() is not None:
     from .lora import cpu as _lora_cpu  # noqa: F401
 
 
-@torch.compiler.disable  # frees memory when called, never traced into a graph
 def empty_cache() -> None:
     """Free the memory the C++ kernels hold between calls.
 
-    One large buffer is held (today: InfoNCE's kept B×B logits, 64 MiB at B = 4096 in fp32),
+    One large buffer is held (today: the logits InfoNCE keeps, 64 MiB at B = 4096 in fp32),
     so that the next training step reuses it instead of faulting in fresh pages. This returns
     it to the system, as ``torch.cuda.empty_cache()`` does for CUDA's cache; a buffer still in
     use by a live autograd graph is freed when that graph is.
     """
+    # Eager only: in a torch.compile graph an op with no outputs would be dropped silently.
+    # Refusing to be traced makes dynamo run the calling frame eagerly instead (fullgraph=True
+    # fails). (torch.compiler.disable would do the same but imports torch._dynamo, and with it
+    # triton, when mmkernels is imported.)
+    if torch.compiler.is_compiling():
+        raise RuntimeError("mmkernels.empty_cache() frees memory between steps: call it outside "
+                           "torch.compile'd code")
     ops = _cpp.load()
     if ops is not None:
         ops.empty_cache()
